@@ -1,0 +1,440 @@
+"""
+One readable GPT, classic (GPT-2) or modern (RoPE, RMSNorm, ReLU^2 or SwiGLU, QK-norm), with an
+optional DeepSeekMoE block, KV-cache generation, and the parameter and FLOP counts used to plan runs.
+
+References:
+1) GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners".
+2) RoPE: Su et al. 2021, "RoFormer" (arXiv:2104.09864).
+3) DeepSeekMoE: Dai et al. 2024 (arXiv:2401.06066); loss-free balancing: DeepSeek-V3 (arXiv:2412.19437).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Architecture fields only; GPTConfig defaults equal "classic". Sizes (n_layer, n_embd, ...) are set apart.
+PRESETS = {
+    # GPT-2: learned positions, LayerNorm, GELU, biases, the output head tied to the token table
+    "classic": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, qk_norm=False, tie_embeddings=True),
+    # the recipe of recent open models and speedruns; mlp="swiglu" (LLaMA) is the other modern choice
+    "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", bias=False, qk_norm=True, tie_embeddings=False),
+}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304          # GPT-2's 50,257 padded up to a multiple of 64 for faster matmuls
+    block_size: int = 1024           # the longest context, in tokens
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0               # 0 means n_head (plain multi-head); fewer = grouped-query attention
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True                # biases in the Linear layers and LayerNorms
+    pos_emb: str = "learned"         # "learned" or "rope"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"          # "layernorm" or "rmsnorm"
+    mlp: str = "gelu"                # "gelu", "swiglu" or "relu2"
+    mlp_hidden: int = 0              # 0 = 4*n_embd (gelu, relu2) or 8/3*n_embd rounded up to a multiple of 64 (swiglu)
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    moe_experts: int = 0             # routed experts per MoE layer; 0 = dense everywhere
+    moe_top_k: int = 2               # routed experts each token uses
+    moe_shared_experts: int = 1      # experts every token uses
+    moe_expert_hidden: int = 0       # 0 = mlp_hidden // 4 (fine-grained experts)
+    moe_first_dense: int = 1         # the first layers stay dense
+    moe_every: int = 1               # after those, every k-th layer is MoE
+    moe_bias_rate: float = 1e-3      # DeepSeek-V3's gamma, the step of the balancing bias
+    moe_aux_loss: float = 0.0        # coefficient of the classic auxiliary balance loss; 0 = off
+
+    def __post_init__(self):
+        for name, choices in (("pos_emb", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                              ("mlp", ("gelu", "swiglu", "relu2"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {getattr(self, name)!r}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "moe_top_k", "moe_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("n_kv_head", "mlp_hidden", "moe_experts", "moe_shared_experts", "moe_expert_hidden",
+                     "moe_first_dense", "moe_bias_rate", "moe_aux_loss"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dimension, got n_embd / n_head = {self.head_dim}")
+        if self.moe_experts and self.moe_top_k > self.moe_experts:
+            raise ValueError(f"moe_top_k ({self.moe_top_k}) must be at most moe_experts ({self.moe_experts})")
+        if self.moe_experts and self.moe_first_dense >= self.n_layer:
+            raise ValueError(f"moe_first_dense ({self.moe_first_dense}) leaves no MoE layer among n_layer ({self.n_layer})")
+
+    # Derived sizes are properties, not fields rewritten in __post_init__, so that a saved config
+    # keeps meaning "the default" and changing n_embd later still changes the widths that follow from it.
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self):
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":  # three matrices instead of two: 8/3 keeps the parameters of 4x (Shazeer 2020)
+            return -(-8 * self.n_embd // (3 * 64)) * 64
+        return 4 * self.n_embd
+
+    @property
+    def expert_width(self):
+        return self.moe_expert_hidden or self.mlp_width // 4
+
+    def is_moe_layer(self, layer):
+        return self.moe_experts > 0 and layer >= self.moe_first_dense and (layer - self.moe_first_dense) % self.moe_every == 0
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm (Zhang & Sennrich 2019) computed in float32, as autocast does for LayerNorm: the statistics
+    are more accurate, and input and weight share a dtype, without which torch skips the fused kernel."""
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).type_as(x)
+
+
+def make_norm(config, dim):
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, bias=config.bias)
+    return RMSNorm(dim, eps=1e-6)  # an explicit eps: the default, finfo(dtype).eps, is large in bf16
+
+
+def rope_tables(head_dim, length, theta):
+    """cos and sin of position * theta^(-2i/head_dim) for every position and frequency i (RoFormer)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the pairs (x_i, x_{i + head_dim/2}) by their angles: the half-split layout of GPT-NeoX,
+    the same rotation as RoFormer's interleaved pairs up to a fixed permutation of the head dimensions."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated so that decoding writes
+    in place. k[layer] and v[layer] are (batch, n_kv_head, max_len, head_dim); the first `pos` positions
+    are filled. `tokens` keeps the ids themselves, so a full cache can be rebuilt from its recent half."""
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(n_layer, batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self):
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer = layer  # which slice of the KV cache is ours
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        # separate projections rather than one fused qkv matrix, so Muon orthogonalises each on its own
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # QK-norm bounds the attention logits, which keeps them from growing until training diverges
+        # (Dehghani et al. 2023, "Scaling Vision Transformers to 22 Billion Parameters")
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
+        self.dropout = config.dropout
+
+    def forward(self, x, rope=None, kv_cache=None):
+        B, T, C = x.size()
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        attn_mask, is_causal = None, True  # training: no mask, so SDPA keeps its flash fast path
+        if kv_cache is not None:
+            start, end = kv_cache.pos, kv_cache.pos + T
+            kv_cache.k[self.layer, :, :, start:end] = k
+            kv_cache.v[self.layer, :, :, start:end] = v
+            k, v = kv_cache.k[self.layer, :, :, :end], kv_cache.v[self.layer, :, :, :end]
+            if start > 0:
+                # SDPA aligns is_causal's mask to the top-left corner, so with T queries over `end` keys
+                # query i would see keys 0..i only, not the `start` cached ones; query i sits at position
+                # start + i and sees keys up to it. A single query sees every key and needs no mask.
+                is_causal = False
+                if T > 1:
+                    attn_mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config, hidden):
+        super().__init__()
+        self.kind = config.mlp
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        if self.kind == "swiglu":
+            self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":  # Primer (So et al. 2021): squared ReLU beats GELU at the same cost
+            h = F.relu(h).square()
+        else:  # SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer")
+            h = F.silu(self.c_gate(x)) * h
+        return self.c_proj(h)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts every token uses, plus many small routed experts of which each token
+    uses top_k. Every token gets its experts (no capacity limit, nothing dropped); the load is balanced
+    by DeepSeek-V3's bias on the routing scores, optionally helped by the classic auxiliary loss."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.moe_top_k
+        self.router = nn.Linear(config.n_embd, config.moe_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config, config.expert_width) for _ in range(config.moe_experts))
+        # n shared experts are one MLP n times as wide: their outputs add up over disjoint hidden units
+        self.shared = MLP(config, config.moe_shared_experts * config.expert_width) if config.moe_shared_experts else None
+        # a buffer, not a parameter: set by update_moe_bias, not by the optimizer, but saved in checkpoints
+        self.register_buffer("expert_bias", torch.zeros(config.moe_experts))
+        self.register_buffer("expert_load", torch.zeros(config.moe_experts, dtype=torch.long), persistent=False)
+        self.aux_loss = None
+
+    def forward(self, x):
+        B, T, C = x.size()
+        x = x.reshape(-1, C)
+        # DeepSeek-V3 section 2.1.2: sigmoid affinities; the bias only decides which experts are chosen, the
+        # gates come from the un-biased affinities of the chosen ones, normalised to sum to 1
+        affinity = torch.sigmoid(self.router(x).float())
+        chosen = torch.topk(affinity + self.expert_bias, self.top_k, dim=-1).indices      # (N, top_k)
+        gates = affinity.gather(-1, chosen)
+        gates = gates / gates.sum(-1, keepdim=True)
+        # dispatch: sort the (token, expert) pairs by expert so that each expert runs once on a contiguous slice
+        flat_choice = chosen.view(-1)
+        order = flat_choice.argsort(stable=True)
+        counts = torch.bincount(flat_choice, minlength=len(self.experts))
+        self.expert_load.copy_(counts)
+        slices = x[order // self.top_k].split(counts.tolist())
+        # every expert runs, even on an empty slice, so each one is part of the graph (DDP expects that)
+        out_sorted = torch.cat([expert(s) for expert, s in zip(self.experts, slices)])
+        out = torch.empty_like(out_sorted)
+        out[order] = out_sorted  # back to (token, choice) order: summing over a token's choices is deterministic
+        y = (out.view(-1, self.top_k, C) * gates.to(out.dtype).unsqueeze(-1)).sum(1)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        if self.training:
+            # Switch Transformer's balance loss (Fedus et al. 2021): n_experts * sum_i f_i * P_i, with f_i the
+            # share of choices that went to expert i and P_i its mean normalised affinity; 1 when balanced
+            share = counts.float() / flat_choice.numel()
+            mean_affinity = (affinity / affinity.sum(-1, keepdim=True)).mean(0)
+            self.aux_loss = len(self.experts) * (share * mean_affinity).sum()
+        return y.view(B, T, C)
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config, config.mlp_width)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, kv_cache=None):
+        x = x + self.resid_dropout(self.attn(self.ln_1(x), rope, kv_cache))
+        return x + self.resid_dropout(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_emb == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers.update(drop=nn.Dropout(config.dropout),
+                      h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
+                      ln_f=make_norm(config, config.n_embd))
+        self.transformer = nn.ModuleDict(layers)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:  # one matrix reads tokens in and writes them out (Press & Wolf 2017)
+            self.transformer.wte.weight = self.lm_head.weight
+        if config.pos_emb == "rope":  # not persistent: recomputed from the config, never worth saving
+            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.moe_layers = [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+
+        # GPT-2 initialisation: N(0, 0.02) for every matrix, and each residual branch's output projection
+        # scaled by 1/sqrt(2 * n_layer), since 2 * n_layer branches add into the residual stream.
+        # Biases start at zero; norms keep their ones and zeros.
+        for name, p in self.named_parameters():
+            if p.ndim == 2:
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        T = idx.size(1)
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start + T} tokens exceed block_size ({self.config.block_size})")
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        if kv_cache is not None:
+            if start + T > kv_cache.max_len:
+                raise ValueError(f"{start + T} tokens exceed the KV cache's max_len ({kv_cache.max_len})")
+            kv_cache.tokens[:, start:start + T] = idx
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+
+        if targets is None:  # inference: only the last position's logits are needed to sample
+            return self.lm_head(x[:, [-1], :]).float(), None
+        logits = self.lm_head(x).float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if self.training and self.config.moe_aux_loss > 0 and self.moe_layers:
+            loss = loss + self.config.moe_aux_loss * sum(moe.aux_loss for moe in self.moe_layers)
+        return logits, loss
+
+    # ------------------------------------------------------------------ counts
+
+    def param_counts(self):
+        """Parameters in total, without the embeddings, and active per token (top_k of the routed experts).
+        "Embedding" means the input lookup tables only (wte, wpe): the output head does a real matmul per
+        token, so it counts as non-embedding even when tied to wte, as in nanoGPT's get_num_params."""
+        total = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
+        embedding = self.transformer.wpe.weight.numel() if self.config.pos_emb == "learned" else 0
+        if not self.config.tie_embeddings:
+            embedding += self.transformer.wte.weight.numel()
+        inactive = sum((len(moe.experts) - moe.top_k) * sum(p.numel() for p in moe.experts[0].parameters())
+                       for moe in self.moe_layers)
+        return dict(total=total, non_embedding=total - embedding, active=total - inactive,
+                    active_non_embedding=total - embedding - inactive)
+
+    def flops_per_token(self):
+        """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM, Chowdhery et al. 2022, appendix B): 6N for the
+        forward and backward matmuls of the N active non-embedding parameters, plus attention over T tokens."""
+        c = self.config
+        n = self.param_counts()["active_non_embedding"]
+        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+    # ------------------------------------------------------------------ mixture of experts
+
+    def moe_load(self):
+        """Tokens routed to each expert in the last forward, (n_moe_layers, moe_experts); None when dense."""
+        if not self.moe_layers:
+            return None
+        return torch.stack([moe.expert_load for moe in self.moe_layers])
+
+    @torch.no_grad()
+    def update_moe_bias(self, load=None):
+        """DeepSeek-V3's auxiliary-loss-free balancing, after each optimizer step: raise the bias of experts
+        below the mean load, lower it above, by moe_bias_rate. `load` defaults to the last forward's counts;
+        train.py passes the counts summed over micro-steps and ranks."""
+        if not self.moe_layers:
+            return
+        if load is None:
+            load = self.moe_load()
+        for moe, layer_load in zip(self.moe_layers, load):
+            layer_load = layer_load.float()
+            moe.expert_bias += self.config.moe_bias_rate * torch.sign(layer_load.mean() - layer_load)
+
+    # ------------------------------------------------------------------ generation
+
+    def new_kv_cache(self, batch_size, max_len=None, device=None, dtype=None):
+        """An empty cache; by default on the model's device, in the autocast dtype if autocast is on."""
+        max_len = max_len or self.config.block_size
+        if max_len > self.config.block_size:
+            raise ValueError(f"max_len ({max_len}) must be at most block_size ({self.config.block_size})")
+        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else self.lm_head.weight.dtype
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim, device, dtype)
+
+    def _extend(self, kv_cache, idx):
+        """Run new tokens on top of the cache and return the last position's logits (B, V). A cache that
+        would overflow is rebuilt from the most recent half of the context, so generation can go on; with
+        learned positions that re-encodes those tokens from position 0."""
+        if kv_cache.pos + idx.size(1) > kv_cache.max_len:
+            idx = torch.cat((kv_cache.tokens[:, :kv_cache.pos], idx), dim=1)[:, -(kv_cache.max_len // 2):]
+            kv_cache.reset()
+        logits, _ = self(idx, kv_cache=kv_cache)
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, stop_tokens=(),
+                 kv_cache=None):
+        """Yield one (B,) LongTensor per new token, as soon as it is sampled. The prompt `idx` (B, T) is
+        prefilled once, on top of `kv_cache` if one is given (continuing a conversation); once the
+        generator is exhausted the cache holds everything, the last token included, to continue again.
+        temperature 0 is greedy; top_k 0 and top_p 1.0 are off. Stops after max_new_tokens or once every
+        row has produced a stop token; a row that is done repeats its stop token."""
+        kv_cache = kv_cache if kv_cache is not None else self.new_kv_cache(idx.size(0), device=idx.device)
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        token = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
+        logits = self._extend(kv_cache, idx)
+        for _ in range(max_new_tokens):
+            token = torch.where(done, token, sample_token(logits, temperature, top_k, top_p, generator))
+            done |= torch.isin(token, stop)
+            yield token
+            logits = self._extend(kv_cache, token[:, None])
+            if stop.numel() and done.all():
+                return
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token id per row of logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        # nucleus sampling (Holtzman et al. 2019): keep the smallest set of tokens whose probability
+        # reaches top_p; a token stays if the mass before it is still short of top_p, so the best always stays
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = F.softmax(sorted_logits, dim=-1)
+        sorted_logits = sorted_logits.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
