@@ -1,0 +1,107 @@
+"""The nanoGPT configuration convention, with the checks nanoGPT lacks.
+
+    python X.py [config/file.py ...] [--key=value ...]
+
+Each stage declares its settings as a dataclass whose name ends in `Config`. A config file is
+plain Python that assigns module-level constants; `--key=value` is read with `ast.literal_eval`
+(falling back to a string); a bare `--flag` means True. Later sources win. One config file can
+drive every stage of a recipe, so a key owned by another stage is accepted and left to it; a key
+that no stage owns is an error naming the closest valid keys. Values must match the declared type.
+"""
+
+import ast
+import dataclasses
+import difflib
+import os
+import types
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(Exception):
+    """Bad input from the user: the scripts print its message as one line and exit."""
+
+
+def keys_of_all_stages():
+    """Every settable key in the repository, found by reading (not importing) the root scripts,
+    so that `prepare.py` does not pay for importing torch just to validate a shared config file."""
+    keys = set()
+    for name in sorted(os.listdir(ROOT)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Config"):
+                keys.update(s.target.id for s in node.body
+                            if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name))
+    return keys
+
+
+def read_config_file(path):
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found (configs live in config/, e.g. config/gpt_51m.py)")
+    namespace = {}
+    try:
+        exec(compile(open(path, encoding="utf-8").read(), path, "exec"), namespace)
+    except Exception as e:
+        raise UserError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
+
+
+def parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def coerce(key, value, field_type):
+    """Return `value` as `field_type`, or raise a UserError that says what was expected."""
+    if field_type is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif field_type is int:
+        if isinstance(value, float) and value.is_integer():  # lets people write --max_tokens=1e9
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif field_type is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif field_type is str:
+        return value if isinstance(value, str) else str(value)
+    elif isinstance(value, field_type):
+        return value
+    raise UserError(f"{key} must be {field_type.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def parse(argv, *config_classes):
+    """Read config files and overrides from `argv`; return {key: value} for the keys that were set
+    explicitly and that one of `config_classes` owns, each coerced to its declared type."""
+    raw = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            raw[key.replace("-", "_")] = parse_value(text) if sep else True
+        elif arg.endswith(".py"):
+            raw.update(read_config_file(arg))
+        else:
+            raise UserError(f"unexpected argument {arg!r}: pass a config file (config/x.py) or --key=value")
+    owned = {f.name: f.type for cls in config_classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - owned.keys() - keys_of_all_stages())
+    if unknown:
+        valid = owned.keys() | keys_of_all_stages()
+        hints = "; ".join(f"{k!r}: did you mean {', '.join(difflib.get_close_matches(k, valid, n=3, cutoff=0.5)) or 'nothing close'}?"
+                          for k in unknown)
+        raise UserError(f"unknown config key {hints}")
+    return {k: coerce(k, v, owned[k]) for k, v in raw.items() if k in owned}
+
+
+def build(config_class, overrides, **base):
+    """An instance of `config_class` from its defaults, then `base`, then the explicit `overrides`."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{**base, **{k: v for k, v in overrides.items() if k in names}})
