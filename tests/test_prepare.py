@@ -1,0 +1,229 @@
+"""prepare.py and tokenizer.py on small local corpora: CPU only, no network."""
+
+import base64
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import prepare
+from configurator import UserError
+from tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KOREAN_AND_EMOJI = "대한민국은 민주공화국이다. 모든 권력은 국민으로부터 나온다. 🎭 👍🏽 🚀\n"
+
+
+@pytest.fixture(scope="module")
+def plays():
+    """Shakespeare as plain text: what the default source produces."""
+    return [prepare.markdown_play_to_text(open(path, encoding="utf-8").read()) for path in prepare.shakespeare_plays()]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def splits(data_dir):
+    """(meta, {split: token ids}) of a prepared dataset."""
+    meta = prepare.load_meta(data_dir)
+    return meta, {s: np.fromfile(os.path.join(data_dir, f"{s}.bin"), dtype=meta["dtype"]) for s in ("train", "val")}
+
+
+def write_ranks(path, tokens):
+    with open(path, "w") as f:
+        f.writelines(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens))
+
+
+def test_default_source_is_38_plays_of_plain_text(plays):
+    assert len(plays) == 38
+    for text in plays:
+        assert "#" not in text and "*" not in text and "_" not in text and "\\" not in text
+        assert "  \n" not in text
+    hamlet = next(text for text in plays if text.startswith("Hamlet\n"))
+    assert "\nACT I\n\nSCENE I. Elsinore." in hamlet
+    assert "\nFRANCISCO at his post. Enter to him BERNARDO\n\nBERNARDO:\nWho's there?\n" in hamlet
+
+
+def test_char_round_trip_and_counts_match_the_files(workdir, plays):
+    text = plays[0][:50_000] + KOREAN_AND_EMOJI * 10 + plays[1][:20_000]
+    (workdir / "corpus.txt").write_text(text, encoding="utf-8")
+    prepare.main(["--source=corpus.txt", "--dataset=c", "--tokenizer=char"])
+    meta, ids = splits("data/c")
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    assert meta["vocab_size"] == len(meta["tokenizer"]["chars"]) + 1 == tokenizer.eot_id + 1
+    assert meta["dtype"] == "uint16"
+    for split in ("train", "val"):  # one text: two documents, each opened by EOT
+        assert os.path.getsize(f"data/c/{split}.bin") == meta[f"{split}_tokens"] * 2
+        assert ids[split][0] == tokenizer.eot_id and meta[f"{split}_documents"] == 1
+    train, val = tokenizer.decode(ids["train"].tolist()), tokenizer.decode(ids["val"].tolist())
+    assert train + val == text
+    assert meta["train_bytes"] + meta["val_bytes"] == len(text.encode("utf-8"))
+    assert meta["val_bytes"] == pytest.approx(0.1 * len(text.encode("utf-8")), abs=4)  # nanoGPT's last 10%
+    assert tokenizer.decode(tokenizer.encode(KOREAN_AND_EMOJI)) == KOREAN_AND_EMOJI
+    with pytest.raises(UserError, match="not in the char vocabulary: 'Ωλ'"):
+        tokenizer.encode("λΩ")
+
+
+def test_sentencepiece_round_trips_unseen_scripts_through_byte_fallback(workdir, plays):
+    (workdir / "a.md").write_text(plays[0], encoding="utf-8")
+    (workdir / "b.md").write_text(plays[1][:30_000], encoding="utf-8")
+    prepare.main(["--source=*.md", "--dataset=sp", "--tokenizer=sp", "--sp_vocab_size=400", "--num_workers=2"])
+    meta, ids = splits("data/sp")
+    assert meta["vocab_size"] == 400 and meta["tokenizer_file"] == "tokenizer.model"
+    assert os.path.isfile("data/sp/tokenizer.model")
+    assert meta["val_documents"] == 1 and meta["train_documents"] == 1  # the first of two documents validates
+    tokenizer = load_tokenizer(json.loads(json.dumps(meta["tokenizer"])))  # as a checkpoint would store it
+    assert tokenizer.decode(ids["val"].tolist()) == plays[0]
+    for text in (plays[2][:5000], KOREAN_AND_EMOJI, "  leading spaces\n\n\ttabs 𝔘∮ 1234567\n"):
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert len(tokenizer.encode("민")) == 3  # an unseen character: its three UTF-8 bytes
+    with pytest.raises(UserError, match="sp_vocab_size=50000 is more than this corpus supports"):
+        prepare.main(["--source=*.md", "--dataset=sp2", "--tokenizer=sp", "--sp_vocab_size=50000"])
+    assert not os.path.exists("data/sp2")
+
+
+def test_local_bpe_ranks_of_70k_tokens_take_the_uint32_path(workdir, plays):
+    tokens = [bytes([i]) for i in range(256)] + [bytes(pair) for pair in itertools.product(range(256), repeat=2)]
+    tokens += [bytes([97 + i % 26, 97 + i // 26 % 26, 97 + i // 676]) for i in range(70_000 - len(tokens))]
+    write_ranks(workdir / "big.tiktoken", tokens)
+    text = plays[0][:20_000] + KOREAN_AND_EMOJI
+    (workdir / "corpus.txt").write_text(text, encoding="utf-8")
+    prepare.main(["--source=corpus.txt", "--dataset=bpe", "--tokenizer=big.tiktoken"])
+    meta, ids = splits("data/bpe")
+    assert meta["vocab_size"] == 70_001 and meta["dtype"] == "uint32"
+    assert os.path.getsize("data/bpe/train.bin") == meta["train_tokens"] * 4
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    assert ids["train"][0] == tokenizer.eot_id == 70_000
+    assert (ids["train"][1:] > 65_535).any()  # ids that uint16 would have wrapped
+    assert tokenizer.decode(ids["train"][1:].tolist()) + tokenizer.decode(ids["val"][1:].tolist()) == text
+    # the spec embeds the ranks: the tokenizer survives the file
+    os.remove("big.tiktoken")
+    assert load_tokenizer(meta["tokenizer"]).encode("the king") == tokenizer.encode("the king")
+
+
+def test_jsonl_and_parquet_load_through_datasets(workdir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    docs = [f"document {i}: {KOREAN_AND_EMOJI}" for i in range(20)]
+    with open("docs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs))
+    pq.write_table(pa.table({"id": list(range(20)), "body": docs}), "docs.parquet")
+    for name in ("docs.jsonl", "docs.parquet"):
+        prepare.main([f"--source={name}", "--dataset=rows", "--text_column=body", "--num_workers=1", "--force"])
+        meta, ids = splits("data/rows")
+        assert (meta["train_documents"], meta["val_documents"]) == (18, 2)
+        tokenizer = load_tokenizer(meta["tokenizer"])
+        assert tokenizer.decode(ids["val"].tolist()) == docs[0] + docs[10]  # every 10th document validates
+        assert (ids["val"] == tokenizer.eot_id).sum() == 2
+        with pytest.raises(UserError, match="no column 'text'; its columns are id, body"):
+            prepare.main([f"--source={name}", "--dataset=rows2"])
+
+
+def test_hub_without_network_says_what_to_do(workdir, monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"could not reach the Hugging Face Hub for bookcorpus; .* \(--source=path"):
+        prepare.main(["--source=hf:bookcorpus", "--dataset=books"])
+    assert not os.path.exists("data")
+
+
+def test_up_to_date_run_is_skipped_and_force_redoes_it(workdir, capsys):
+    (workdir / "corpus.txt").write_text("to be or not to be\n" * 500)
+    args = ["--source=corpus.txt", "--dataset=d"]
+    prepare.main(args)
+    written = os.stat("data/d/train.bin").st_mtime_ns
+    prepare.main(args)
+    assert "up to date" in capsys.readouterr().out
+    assert os.stat("data/d/train.bin").st_mtime_ns == written
+    prepare.main(args + ["--force"])
+    assert "wrote data/d" in capsys.readouterr().out
+    (workdir / "corpus.txt").write_text("that is the question\n" * 500)  # a changed corpus is stale
+    prepare.main(args)
+    assert "wrote data/d" in capsys.readouterr().out
+
+
+def test_interrupted_runs_leave_no_bin_and_keep_the_old_data(workdir, monkeypatch):
+    (workdir / "corpus.txt").write_text("to be or not to be\n" * 5000)
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 1000)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 1000)
+    real_encode_batch, calls = prepare.encode_batch, []
+
+    def interrupted(batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_encode_batch(batch)
+
+    monkeypatch.setattr(prepare, "encode_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(["--source=corpus.txt", "--dataset=d", "--num_workers=1"])
+    assert not os.path.exists("data/d")
+
+    monkeypatch.setattr(prepare, "encode_batch", real_encode_batch)
+    prepare.main(["--source=corpus.txt", "--dataset=d"])
+    before = prepare.load_meta("data/d")
+    calls.clear()
+    monkeypatch.setattr(prepare, "encode_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(["--source=corpus.txt", "--dataset=d", "--num_workers=1", "--force"])
+    assert prepare.load_meta("data/d") == before and sorted(os.listdir("data/d")) == ["meta.json", "train.bin", "val.bin"]
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prepare, "encode_batch", real_encode_batch)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        prepare.main(["--source=corpus.txt", "--dataset=e"])
+    assert not os.path.exists("data/e")
+
+
+def test_load_meta_catches_a_truncated_bin(workdir):
+    (workdir / "corpus.txt").write_text("to be or not to be\n" * 100)
+    prepare.main(["--source=corpus.txt", "--dataset=d"])
+    with open("data/d/val.bin", "r+b") as f:
+        f.truncate(os.path.getsize("data/d/val.bin") - 2)
+    with pytest.raises(UserError, match=r"val.bin has .* incomplete .*--force"):
+        prepare.load_meta("data/d")
+    with pytest.raises(UserError, match="not prepared"):
+        prepare.load_meta("data/nothing")
+
+
+def test_bad_input_gives_one_line_and_writes_nothing(workdir):
+    (workdir / "empty.txt").write_text("")
+    (workdir / "bad.txt").write_bytes(b"good text\n" * 50 + b"\xff\xfe broken\n" + b"more text\n" * 50)
+    for args, message in [(["--source=empty.txt"], "is empty"),
+                          (["--source=missing.txt"], "no files match"),
+                          (["--source=nothing/*.txt"], "no files match"),
+                          (["--source=bad.txt", "--on_decode_error=fail"], "not UTF-8 near byte 500"),
+                          (["--source=bad.txt", "--tokenizer=gpt3"], "neither char, sp, gpt2")]:
+        with pytest.raises(UserError, match=message):
+            prepare.main(args + ["--dataset=d"])
+        assert not os.path.exists("data")
+    meta = prepare.main(["--source=bad.txt", "--dataset=d"])
+    assert meta["replaced_bytes"] == 2 and "\ufffd" in meta["tokenizer"]["chars"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--source=missing.txt"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == "error: no files match --source=missing.txt\n"
+
+
+def test_pretokenize_hook_is_recorded_in_the_spec(workdir, monkeypatch):
+    (workdir / "spacer.py").write_text("def split(text):\n    return text.replace('-', ' - ')\n")
+    monkeypatch.syspath_prepend(str(workdir))
+    (workdir / "corpus.txt").write_text("well-a-day\n" * 100)
+    meta = prepare.main(["--source=corpus.txt", "--dataset=d", "--pretokenize=spacer:split"])
+    assert meta["tokenizer"]["pretokenize"] == "spacer:split"
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    assert tokenizer.decode(tokenizer.encode("a-day")) == "a - day"
+    assert meta["train_bytes"] + meta["val_bytes"] == 1100  # bytes of the text as given, for bits per byte
+    with pytest.raises(UserError, match="pretokenize hook 'spacer:nothing' not found"):
+        prepare.main(["--source=corpus.txt", "--dataset=e", "--pretokenize=spacer:nothing"])
