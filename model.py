@@ -402,19 +402,20 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, stop_tokens=(),
-                 kv_cache=None):
+                 kv_cache=None, vocab_size=None):
         """Yield one (B,) LongTensor per new token, as soon as it is sampled. The prompt `idx` (B, T) is
         prefilled once, on top of `kv_cache` if one is given (continuing a conversation); once the
         generator is exhausted the cache holds everything, the last token included, to continue again.
         temperature 0 is greedy; top_k 0 and top_p 1.0 are off. Stops after max_new_tokens or once every
-        row has produced a stop token; a row that is done repeats its stop token."""
+        row has produced a stop token; a row that is done repeats its stop token. `vocab_size` (the
+        tokenizer's) keeps the padding rows of the embedding table from being sampled."""
         kv_cache = kv_cache if kv_cache is not None else self.new_kv_cache(idx.size(0), device=idx.device)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         token = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
         logits = self._extend(kv_cache, idx)
         for _ in range(max_new_tokens):
-            token = torch.where(done, token, sample_token(logits, temperature, top_k, top_p, generator))
+            token = torch.where(done, token, sample_token(logits[:, :vocab_size], temperature, top_k, top_p, generator))
             done |= torch.isin(token, stop)
             yield token
             logits = self._extend(kv_cache, token[:, None])

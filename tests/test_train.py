@@ -1,0 +1,208 @@
+"""The training loop on tiny models: loss falls, exact resume, atomic checkpoints, NaN handling,
+budgets, the log format, bad configs, and one process against two under torchrun."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as model_module
+import prepare
+import train
+from configurator import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--eval_iters=4", "--sample_tokens=0", "--warmup_iters=5", "--learning_rate=3e-3"]
+
+
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    """A small char-level corpus with structure to learn, prepared in a temporary working directory."""
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(0)
+    words = "the king and queen of england speak to their lords in court at night".split()
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(1500))
+    (tmp_path / "corpus.txt").write_text(text)
+    prepare.main(["--source=corpus.txt", "--dataset=tiny", "--tokenizer=char"])
+    return tmp_path
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["train_loss"] for r in read_log(out_dir) if "train_loss" in r}
+
+
+def test_loss_falls_and_the_run_directory_follows_the_contract(tiny_data):
+    train.main(TINY + ["--out_dir=run", "--max_iters=80", "--eval_interval=40", "--log_interval=10"])
+    log = read_log("run")
+    evals = [r for r in log if "val_loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 80
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.8, evals
+    for record in log:
+        if "val_loss" in record:
+            assert {"step", "val_loss", "val_bpb", "tokens", "flops", "elapsed"} <= record.keys()
+        else:
+            assert {"step", "train_loss", "lr", "tokens", "flops", "elapsed", "tok_per_sec", "mfu"} <= record.keys()
+            assert record["mfu"] is None  # no known peak on a CPU: say nothing rather than a wrong number
+    meta = prepare.load_meta("data/tiny")
+    last = evals[-1]
+    assert last["val_bpb"] == pytest.approx(last["val_loss"] * meta["val_tokens"] / meta["val_bytes"] / math.log(2))
+    assert last["tokens"] == 80 * 8 * 32
+    for name in ("ckpt.pt", "best.pt", "config.json"):
+        assert os.path.isfile(os.path.join("run", name))
+    checkpoint = train.load_checkpoint("run/ckpt.pt")
+    assert checkpoint["state"]["step"] == 80 and checkpoint["config"]["max_iters"] == 80
+    assert checkpoint["tokenizer"] == meta["tokenizer"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_reproduces_the_uninterrupted_losses_bitwise(tiny_data, monkeypatch, optimizer):
+    args = TINY + ["--max_iters=24", "--eval_interval=8", "--log_interval=1", "--dropout=0.1", f"--optimizer={optimizer}"]
+    train.main(args + ["--out_dir=straight"])
+
+    calls = {"n": 0}
+    real_read_batch = train.read_batch
+
+    def interrupt_during_step_13(path, *a, **k):  # a real SIGINT arriving in the middle of a step
+        calls["n"] += path.endswith("train.bin")
+        if calls["n"] == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_read_batch(path, *a, **k)
+
+    monkeypatch.setattr(train, "read_batch", interrupt_during_step_13)
+    train.main(args + ["--out_dir=interrupted"])
+    assert max(train_losses("interrupted")) == 13  # the step in flight finished, then it stopped
+    monkeypatch.setattr(train, "read_batch", real_read_batch)
+    train.main(args + ["--out_dir=interrupted", "--resume"])
+
+    assert train_losses("interrupted") == train_losses("straight")  # exact float equality, every step
+    assert len(train_losses("straight")) == 24
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "weights": torch.ones(3)})
+
+    def crash_mid_write(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "weights": torch.zeros(3)})
+    assert torch.equal(train.load_checkpoint(path)["weights"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_corrupted_or_missing_checkpoint_is_one_clear_line(tiny_data):
+    with pytest.raises(UserError, match="no checkpoint at"):
+        train.main(TINY + ["--out_dir=none", "--resume"])
+    train.main(TINY + ["--out_dir=run", "--max_iters=4", "--eval_interval=4"])
+    with open("run/ckpt.pt", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError, match="corrupted or incomplete"):
+        train.main(TINY + ["--out_dir=run", "--resume"])
+
+
+def poison_forward(monkeypatch, bad_calls):
+    """Make the model's loss NaN on the given forward calls (counted over training forwards only)."""
+    real_forward = model_module.GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, **kwargs)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+
+
+def test_a_nan_loss_is_skipped_and_never_saved(tiny_data, monkeypatch):
+    poison_forward(monkeypatch, bad_calls={6, 7})
+    train.main(TINY + ["--out_dir=run", "--max_iters=12", "--eval_interval=6", "--log_interval=1"])
+    skipped = [r["step"] for r in read_log("run") if r.get("skipped")]
+    assert skipped == [6, 7]
+    weights = train.load_checkpoint("run/ckpt.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert train.load_checkpoint("run/ckpt.pt")["state"]["tokens"] == 10 * 8 * 32  # skipped steps trained nothing
+
+
+def test_nan_losses_in_a_row_roll_back_with_a_lower_learning_rate(tiny_data, monkeypatch, capsys):
+    poison_forward(monkeypatch, bad_calls={9, 10, 11})
+    train.main(TINY + ["--out_dir=run", "--max_iters=14", "--eval_interval=4", "--nan_patience=3"])
+    assert "rolled back to step 8" in capsys.readouterr().out
+    state = train.load_checkpoint("run/ckpt.pt")["state"]
+    assert state["rollbacks"] == 1 and state["lr_scale"] == 0.5 and state["step"] == 14
+
+
+def test_nan_losses_with_no_rollback_left_stop_with_a_message(tiny_data, monkeypatch):
+    poison_forward(monkeypatch, bad_calls=set(range(1, 100)))
+    with pytest.raises(UserError, match="training diverged"):
+        train.main(TINY + ["--out_dir=run", "--max_iters=10", "--nan_patience=2"])
+
+
+def test_flop_budget_stops_within_one_step(tiny_data):
+    net = model_module.GPT(model_module.GPTConfig(**{**model_module.PRESETS["classic"], "n_layer": 2, "n_head": 2,
+                                                     "n_embd": 32, "block_size": 32, "vocab_size": 64}))
+    flops_per_step = net.flops_per_token() * 8 * 32
+    budget = 17.5 * flops_per_step
+    train.main(TINY + ["--out_dir=run", "--max_iters=0", f"--max_flops={budget}", "--eval_interval=100"])
+    spent = read_log("run")[-1]["flops"]
+    assert budget - flops_per_step < spent <= budget
+
+
+def test_learning_rate_schedules():
+    cfg = train.TrainConfig(warmup_iters=10, min_lr_ratio=0.1, lr_schedule="cosine")
+    assert train.learning_rate_scale(0, 0.0, cfg) == pytest.approx(0.1)
+    assert train.learning_rate_scale(10, 0.0, cfg) == pytest.approx(1.0)
+    assert train.learning_rate_scale(50, 0.5, cfg) == pytest.approx(0.55)
+    assert train.learning_rate_scale(99, 1.0, cfg) == pytest.approx(0.1)
+    wsd = train.TrainConfig(warmup_iters=10, min_lr_ratio=0.0, lr_schedule="wsd", decay_fraction=0.2)
+    assert train.learning_rate_scale(50, 0.79, wsd) == 1.0
+    assert train.learning_rate_scale(50, 0.9, wsd) == pytest.approx(0.5)
+
+
+def run_script(*args, **kwargs):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--n_layr=2", "error: unknown config key 'n_layr': did you mean n_layer"),
+    ("--max_iters=lots", "error: max_iters must be int"),
+    ("--preset=fancy", "error: preset must be one of classic, modern"),
+])
+def test_bad_config_is_one_line_on_stderr(tiny_data, arg, message):
+    result = run_script(os.path.join(ROOT, "train.py"), "--dataset=tiny", arg)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_under_torchrun_match_one_process(tiny_data, sharding):
+    args = [os.path.join(ROOT, "train.py")] + TINY + ["--max_iters=6", "--eval_interval=6", "--batch_tokens=512"]
+    one = run_script(*args, "--out_dir=one")
+    two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, "--out_dir=two",
+                     f"--fsdp={sharding == 'fsdp'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 processes x 1 accumulation" in two.stdout and "1 processes x 2 accumulation" in one.stdout
+    a, b = train.load_checkpoint("one/ckpt.pt")["model"], train.load_checkpoint("two/ckpt.pt")["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    la, lb = train_losses("one"), train_losses("two")
+    assert la.keys() == lb.keys() and all(la[s] == pytest.approx(lb[s], rel=1e-5) for s in la)
