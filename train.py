@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 import configurator
 from configurator import UserError
@@ -252,6 +251,8 @@ def main(argv):
 
 
 def run(cfg, overrides, device, rank, world, stop):
+    # imported here, not at the top: it costs half a second, and sample.py imports this module for load_checkpoint
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     data_dir = os.path.join("data", cfg.dataset)

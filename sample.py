@@ -1,0 +1,251 @@
+"""Generation and chat from a checkpoint written by train.py or sft.py, streamed as it is produced.
+
+    python sample.py --out_dir=out                                   # unconditional: starts from end-of-text
+    python sample.py --out_dir=out --prompt="ROMEO:" --num_samples=3 --max_new_tokens=300
+    python sample.py --out_dir=out --prompt=FILE:prompt.txt          # or --prompt=- to read stdin
+    python sample.py --out_dir=out-sft --chat                        # multi-turn chat with a fine-tuned model
+
+The chat template. sft.py stores checkpoint["chat_template"], a dict of markers such as
+
+    {"user": "<|user|>", "assistant": "<|assistant|>", "end_of_turn": "<|end|>", "system": "<|system|>"}
+
+("system" is optional). A marker is text, encoded by the checkpoint's tokenizer like any other text (with
+a char tokenizer it must use characters of the vocabulary), or a list of token ids, for example ids in
+the padding rows of the embedding table (from tokenizer.vocab_size up) used as special tokens. A
+conversation renders as the end-of-text token, then, per message, role marker + content + end_of_turn.
+The reply is generated after the assistant marker and ends at end_of_turn. render_chat is the one
+definition of that layout: sft.py imports it, so training and chat cannot drift apart.
+"""
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+
+# Decoding runs hundreds of tiny operations per token; OpenMP threads that spin between them (its default)
+# take the cores from the main thread whenever the CPU is shared. bench.py's KV-cache figure on the 2-core
+# CPU under load: 11 tok/s spinning, 235 waiting passively. Set before torch loads OpenMP; a value already
+# in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+import configurator
+from configurator import UserError
+from model import GPT, GPTConfig
+from tokenizer import load_tokenizer
+from train import load_checkpoint, pick_device, pick_dtype
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"
+    ckpt: str = "ckpt.pt"            # "best.pt" for the best by validation loss
+    prompt: str = ""                 # text, FILE:path, or - for stdin; empty = unconditional
+    num_samples: int = 1
+    max_new_tokens: int = 500        # per sample, or per reply in chat
+    temperature: float = 0.8         # 0 = greedy
+    top_k: int = 200                 # 0 = off
+    top_p: float = 1.0               # nucleus sampling; 1.0 = off
+    chat: bool = False               # multi-turn chat; needs a checkpoint from sft.py
+    system: str = ""                 # chat: a system message, if the template has a system marker
+    seed: int = 1337
+    device: str = "auto"             # "auto" picks cuda, then mps, then cpu
+    dtype: str = "auto"              # "auto": bfloat16 on GPUs that have it, float32 on CPU
+
+
+# ----------------------------------------------------------------------------- chat template
+
+def marker_ids(tokenizer, marker):
+    return list(marker) if isinstance(marker, list) else tokenizer.encode(marker)
+
+
+def render_chat(tokenizer, template, messages):
+    """Token ids of [{"role": "system" | "user" | "assistant", "content": str}, ...], and for each id
+    whether the assistant wrote it (its content and end_of_turn): what sft.py trains on, prompts masked."""
+    ids, trained = [tokenizer.eot_id], [False]
+    for message in messages:
+        if message["role"] not in template or message["role"] == "end_of_turn":
+            raise UserError(f"the chat template has no marker for role {message['role']!r}")
+        head = marker_ids(tokenizer, template[message["role"]])
+        body = tokenizer.encode(message["content"]) + marker_ids(tokenizer, template["end_of_turn"])
+        ids += head + body
+        trained += [False] * len(head) + [message["role"] == "assistant"] * len(body)
+    return ids, trained
+
+
+def printable(tokenizer, ids, stop_text=None):
+    """The text of `ids` that is safe to print so far, and whether it reached `stop_text` (cut before it).
+    A trailing U+FFFD is a character whose bytes are not all generated yet, and a tail that could be the
+    start of stop_text may turn out to be the marker: both wait for the next token."""
+    text = tokenizer.decode([i for i in ids if i < tokenizer.vocab_size]).rstrip("\ufffd")
+    if not stop_text:
+        return text, False
+    if stop_text in text:
+        return text[:text.index(stop_text)], True
+    held = next((n for n in range(min(len(stop_text) - 1, len(text)), 0, -1) if stop_text.startswith(text[-n:])), 0)
+    return text[:len(text) - held], False
+
+
+class Chat:
+    """A conversation whose KV cache outlives each turn, so a new message costs only its own tokens."""
+
+    def __init__(self, model, tokenizer, template, system=""):
+        missing = {"user", "assistant", "end_of_turn"} - template.keys()
+        if missing:
+            raise UserError(f"the checkpoint's chat template lacks {', '.join(sorted(missing))}; redo sft.py")
+        if system and "system" not in template:
+            raise UserError("this checkpoint's chat template has no system marker; drop --system")
+        self.model, self.tokenizer = model, tokenizer
+        self.template, self.end = template, marker_ids(tokenizer, template["end_of_turn"])
+        self.end_text = template["end_of_turn"] if isinstance(template["end_of_turn"], str) else None
+        self.prefix = render_chat(tokenizer, template, [dict(role="system", content=system)] if system else [])[0]
+        self.turns = []  # ids of each finished exchange: user message, assistant marker, reply, end_of_turn
+        self.cache = model.new_kv_cache(1)
+        # special ids in the embedding's padding rows must stay sampleable, or the reply could never end
+        special = [i for marker in template.values() if isinstance(marker, list) for i in marker]
+        self.vocab_size = max([tokenizer.vocab_size] + [i + 1 for i in special])
+
+    def respond(self, message, max_new_tokens, temperature=0.8, top_k=0, top_p=1.0, generator=None):
+        """Yield the reply's text as it is generated; the exchange joins the conversation once it ends."""
+        block = self.model.config.block_size
+        turn = render_chat(self.tokenizer, self.template, [dict(role="user", content=message)])[0][1:]
+        turn += marker_ids(self.tokenizer, self.template["assistant"])
+        if len(self.prefix) + len(turn) >= block:
+            raise UserError(f"that message takes {len(turn)} tokens and the context holds {block}: shorten it")
+        # drop the oldest whole exchanges until the reply has room (a half-exchange would confuse the model)
+        room = min(max_new_tokens, block // 2)
+        dropped = 0
+        while self.turns and len(self.prefix) + sum(map(len, self.turns)) + len(turn) + room > block:
+            self.turns.pop(0)
+            dropped += 1
+        if dropped:
+            print(f"[context full: dropped the oldest {dropped} exchange(s) and rebuilt the cache]", file=sys.stderr)
+        context = self.prefix + [i for t in self.turns for i in t] + turn
+        # Reuse the cache as far as it matches the context: everything but the new tokens normally, the
+        # system prefix after a drop. Positions are absolute, so a stale tail cannot be kept.
+        cached = self.cache.tokens[0, :self.cache.pos].tolist()
+        same = next((i for i, (a, b) in enumerate(zip(cached, context)) if a != b), min(len(cached), len(context)))
+        self.cache.pos = min(same, len(context) - 1)  # at least one new token, whose logits start the reply
+        new = torch.tensor([context[self.cache.pos:]], device=self.cache.k.device)
+        reply, shown, ended, found = [], "", False, False
+        steps = self.model.generate(new, min(max_new_tokens, block - len(context)), temperature, top_k, top_p,
+                                    generator, kv_cache=self.cache, vocab_size=self.vocab_size)
+        with contextlib.closing(steps):  # stopping early leaves the last token unfed: next turn prefills it
+            for token in steps:
+                reply.append(token.item())
+                ended = reply[-len(self.end):] == self.end
+                text, found = printable(self.tokenizer, reply[:-len(self.end)] if ended else reply, self.end_text)
+                yield text[len(shown):]
+                shown = text
+                if ended or found:
+                    break
+        self.turns.append(turn + reply + ([] if ended or found else self.end))
+
+
+# ----------------------------------------------------------------------------- loading and the two modes
+
+def load(cfg):
+    path = os.path.join(cfg.out_dir, cfg.ckpt)
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir (and --ckpt) at a run")
+    checkpoint = load_checkpoint(path)
+    device = pick_device(cfg.device)
+    try:
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not fit this model.py ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        "it comes from an incompatible version of the code") from e
+    # weights stored in bf16, not autocast: decoding is bound by reading the weights, so halve them once
+    model.to(device=device, dtype=pick_dtype(cfg.dtype, device)).eval()
+    return model, load_tokenizer(checkpoint["tokenizer"]), checkpoint
+
+
+def read_prompt(spec):
+    if spec == "-":
+        return sys.stdin.read()
+    if spec.startswith("FILE:"):
+        if not os.path.isfile(spec[5:]):
+            raise UserError(f"prompt file {spec[5:]} not found")
+        with open(spec[5:], encoding="utf-8") as f:
+            return f.read()
+    return spec
+
+
+def sample(model, tokenizer, cfg, out):
+    text = read_prompt(cfg.prompt)
+    # every training document starts with end-of-text, so a prompt starts there too
+    ids = [tokenizer.eot_id] + tokenizer.encode(text)
+    block = model.config.block_size
+    if len(ids) > block:
+        # leave room for the new tokens, so that generation need not rebuild its cache at once, but
+        # keep at least half the context
+        keep = max(block - cfg.max_new_tokens, block // 2)
+        print(f"warning: the prompt is {len(ids)} tokens, longer than the context of {block}; "
+              f"keeping its last {keep}", file=sys.stderr)
+        ids = ids[-keep:]
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    for _ in range(cfg.num_samples):
+        out.write(text)
+        new, shown = [], ""
+        for token in model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, cfg.temperature,
+                                    cfg.top_k, cfg.top_p, generator, vocab_size=tokenizer.vocab_size):
+            new.append(token.item())
+            # decode everything so far and print what is new: a character split over byte tokens stays whole
+            ready = printable(tokenizer, new)[0]
+            out.write(ready[len(shown):])
+            out.flush()
+            shown = ready
+        out.write(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40 + "\n")
+        out.flush()
+
+
+def chat(model, tokenizer, checkpoint, cfg, out, read=input):
+    template = checkpoint.get("chat_template")
+    if not template:
+        raise UserError(f"{cfg.ckpt} in {cfg.out_dir} has no chat template: fine-tune it with sft.py first")
+    conversation = Chat(model, tokenizer, template, cfg.system)
+    generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)
+    print(f"chatting with {cfg.out_dir}/{cfg.ckpt}; Ctrl-C stops a reply, Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            message = read("> ")
+        except EOFError:  # Ctrl-D: end the line the prompt is on
+            out.write("\n")
+            return
+        try:
+            for piece in conversation.respond(message, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                              generator):
+                out.write(piece)
+                out.flush()
+        except UserError as e:  # a message the tokenizer cannot encode, or too long: say so and go on
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # the exchange is dropped; the next one reuses the cache as far as it matches
+            print(" [stopped]", file=sys.stderr)
+        out.write("\n")
+
+
+def main(argv, out=sys.stdout):
+    cfg = configurator.build(SampleConfig, configurator.parse(argv, SampleConfig))
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
+        raise UserError("num_samples and max_new_tokens must be at least 1")
+    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+        raise UserError("temperature and top_k must not be negative, and top_p must be in (0, 1]")
+    if cfg.chat and cfg.prompt:
+        raise UserError("--prompt is for generation; with --chat type the messages, or pipe them to stdin")
+    model, tokenizer, checkpoint = load(cfg)
+    if cfg.chat:
+        chat(model, tokenizer, checkpoint, cfg, out)
+    else:
+        sample(model, tokenizer, cfg, out)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
