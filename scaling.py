@@ -1,6 +1,6 @@
 """Scaling laws for planning a run: fit them to your own runs, sweep, tabulate, and check MFU.
 
-    python scaling.py fit ../shared/data/chinchilla_svg_extracted_data.csv --drop_highest=5
+    python scaling.py fit tests/data/chinchilla_svg_extracted_data.csv --drop_highest=5
     python scaling.py fit out-sweep/*/ --law_out=law.json    # run directories written by train.py
     python scaling.py isoflop out-sweep/*/                    # Approach 2 and its PNG figure
     python scaling.py sweep                                   # tiny isoFLOP sweep with train.py (~15 min, 2 CPU cores)
