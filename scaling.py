@@ -7,6 +7,7 @@
     python scaling.py table [--law=approach1|chinchilla|epoch|law.json]
     python scaling.py mfu config/gpt_350m.py --tok_per_sec=50000 --gpu=A100
     python scaling.py mfu --params=1e9 --n_layer=26 --n_embd=2304 --block_size=2048 --gpu=A100 --mfu=0.35
+    python scaling.py plan --gpu=H100 --hours=24 --law=epoch --dataset=fineweb_edu_10bt_gpt2   # writes config/plan.py
 
 Inputs (CSV files or run directories) are positional; every subcommand takes --json. N is the active
 non-embedding parameter count, the N of train.py's FLOPs 6N + 12*L*H*Q*T (model.py), read back from a run's
@@ -64,6 +65,13 @@ class ScalingConfig:
     tok_per_sec: float = 0.0         # measured throughput per GPU -> MFU
     mfu: float = 0.0                 # assumed MFU -> GPU-days for each of `tokens`
     tokens: list = field(default_factory=lambda: [1e12, 2e12, 5e12, 1e13])
+    # plan: GPUs x hours (or dollars at a price) at --mfu (default 0.4) -> a config file for train.py; uses `gpu`, `law`
+    gpus: int = 1
+    hours: float = 0.0
+    dollars: float = 0.0
+    price_per_gpu_hour: float = 0.0
+    plan_block_size: int = 1024
+    plan_out: str = "config/plan.py"
     # sweep: every budget x shape runs `train.py --max_flops=budget --max_iters=0`; other keys go to train.py
     sweep_dir: str = "out-sweep"
     jobs: int = 0                    # train.py runs at once; 0 = one per CPU core without a GPU, 1 with one
@@ -375,6 +383,23 @@ def cmd_table(cfg, _):
         print(f"{r['N']:10.3g} {r['C']:10.3g} {r['C'] / GOPHER_FLOPS:10.4g} {r['D']:10.4g} {r['D'] / r['N']:9.1f}{loss}{vs}")
 
 
+def gpu_peak_tflops(gpu, override):
+    import train
+    peak = override or next((t for k, t in train.PEAK_TFLOPS if gpu and k.lower() in gpu.lower()), None)
+    if not peak:
+        raise UserError(f"unknown GPU {gpu!r}: name one of {', '.join(k for k, _ in train.PEAK_TFLOPS)} or set --peak_tflops")
+    return peak
+
+
+def vocab_size_of(dataset):
+    """The prepared dataset's vocabulary, or GPT-2's when the data is not prepared on this machine."""
+    meta_path = os.path.join("data", dataset, "meta.json")
+    if not os.path.isfile(meta_path):
+        return 50257
+    with open(meta_path) as f:
+        return json.load(f)["vocab_size"]
+
+
 def cmd_mfu(cfg, argv):
     """MFU = (6N + 12*L*H*Q*T) * tokens/s / peak (PaLM, appendix B), as train.py prints it. train.py (and torch)
     is imported here only, to share its GPU table and model building: the other subcommands stay light."""
@@ -383,21 +408,14 @@ def cmd_mfu(cfg, argv):
     from model import GPT, GPTConfig
     overrides = configurator.parse(argv, train.TrainConfig, GPTConfig)
     train_cfg = configurator.build(train.TrainConfig, overrides)
-    meta_path = os.path.join("data", train_cfg.dataset, "meta.json")
-    vocab = GPTConfig.vocab_size  # GPT-2's, padded, when the data is not prepared here
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            vocab = json.load(f)["vocab_size"]
-    model_cfg = train.build_model_config(train_cfg, overrides, vocab)
+    model_cfg = train.build_model_config(train_cfg, overrides, vocab_size_of(train_cfg.dataset))
     attention = 12 * model_cfg.n_layer * model_cfg.n_head * model_cfg.head_dim * model_cfg.block_size
     if cfg.params:
         n = cfg.params
     else:
         with torch.device("meta"):  # counts without allocating
             n = GPT(model_cfg).param_counts()["active_non_embedding"]
-    peak = train_cfg.peak_tflops or next((t for k, t in train.PEAK_TFLOPS if cfg.gpu and k.lower() in cfg.gpu.lower()), None)
-    if not peak:
-        raise UserError(f"unknown GPU {cfg.gpu!r}: name one of {', '.join(k for k, _ in train.PEAK_TFLOPS)} or set --peak_tflops")
+    peak = gpu_peak_tflops(cfg.gpu, train_cfg.peak_tflops)
     per_token = 6 * n + attention
     result = dict(N=n, flops_per_token=per_token, attention_share=attention / per_token, peak_tflops=peak)
     if not (cfg.tok_per_sec or cfg.mfu):
@@ -470,7 +488,64 @@ def cmd_sweep(cfg, argv):
     return cmd_isoflop(cfg, list(runs))
 
 
-COMMANDS = dict(fit=cmd_fit, isoflop=cmd_isoflop, sweep=cmd_sweep, table=cmd_table, mfu=cmd_mfu)
+def cmd_plan(cfg, argv):
+    """GPUs x hours (or dollars) -> FLOPs at an assumed MFU -> compute-optimal N and D under a law -> a model
+    shape, batch and learning rate -> a config file for train.py, stopped by that FLOP budget."""
+    import torch
+    import train
+    from model import GPT, GPTConfig
+    hours = cfg.hours or (cfg.dollars / (cfg.price_per_gpu_hour * cfg.gpus) if cfg.dollars and cfg.price_per_gpu_hour else 0)
+    if not hours:
+        raise UserError("give --hours, or --dollars with --price_per_gpu_hour")
+    overrides = configurator.parse(argv, train.TrainConfig, GPTConfig)
+    train_cfg = configurator.build(train.TrainConfig, overrides)
+    mfu = cfg.mfu or 0.4  # what a well-tuned small-model run reaches on A100/H100-class GPUs; measure yours with `mfu`
+    flops = cfg.gpus * gpu_peak_tflops(cfg.gpu, train_cfg.peak_tflops) * 1e12 * mfu * hours * 3600
+    if cfg.law == "approach1":
+        raise UserError("plan needs a law that predicts loss: --law=chinchilla, epoch or a JSON file from `fit --law_out`")
+    law = resolve_law(cfg.law)
+    G, a = optimal_split(law)
+    n_opt = G * (flops / 6) ** a
+    # Shape: nanochat's single dial, width = 64 x depth with 64-wide heads; the blocks hold about 12 L d^2 =
+    # 49,152 L^3 parameters, so L follows from N. The head counts too, so the depths around that are counted.
+    def shaped(depth):
+        shape = dict(n_layer=depth, n_embd=64 * depth, n_head=depth, block_size=cfg.plan_block_size)
+        with torch.device("meta"):
+            return shape, GPT(train.build_model_config(train_cfg, {**overrides, **shape}, vocab_size_of(train_cfg.dataset)))
+    guess = max(1, round((n_opt / 49152) ** (1 / 3)))
+    candidates = [shaped(depth) for depth in range(max(1, guess - 3), guess + 2)]
+    shape, model = min(candidates, key=lambda c: abs(math.log(c[1].param_counts()["active_non_embedding"] / n_opt)))
+    depth, n, per_token = shape["n_layer"], model.param_counts()["active_non_embedding"], model.flops_per_token()
+    tokens = flops / per_token
+    # DeepSeek LLM's fits of the best batch (tokens) and AdamW learning rate against compute (arXiv:2401.02954, eq. 1)
+    micro = cfg.plan_block_size * min(16, max(1, int(0.292 * flops ** 0.3271) // cfg.plan_block_size)) * cfg.gpus
+    batch_tokens = max(1, round(0.292 * flops ** 0.3271 / micro)) * micro
+    learning_rate = 0.3118 * flops ** -0.125
+    steps = int(tokens // batch_tokens)
+    result = dict(hours=hours, flops=flops, mfu=mfu, law=cfg.law, N_opt=n_opt, N=n, tokens=tokens, steps=steps,
+                  batch_tokens=batch_tokens, learning_rate=learning_rate, shape=shape,
+                  expected_loss=predicted_loss(law, n, tokens), config=cfg.plan_out)
+    with open(cfg.plan_out, "w") as f:
+        f.write(f"# written by: python scaling.py plan {' '.join(argv)}\n"
+                f"# {cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * mfu:.0f}% MFU = {flops:.3g} FLOPs; law {cfg.law}: "
+                f"N_opt {n_opt:.3g}, this shape N = {n:,} active non-embedding parameters, {tokens:.3g} tokens, "
+                f"expected loss {result['expected_loss']:.3f} (in the law's data and tokenizer)\n"
+                f"# combine with a data recipe: python train.py config/gpt_51m.py {cfg.plan_out}\n")
+        settings = {**shape, "batch_size": micro // cfg.plan_block_size // cfg.gpus, "batch_tokens": batch_tokens,
+                    "learning_rate": float(f"{learning_rate:.3g}"), "warmup_iters": max(1, min(1000, steps // 20)),
+                    "max_iters": 0, "max_tokens": 0, "max_flops": float(f"{flops:.4g}")}
+        f.writelines(f"{key} = {value!r}\n" for key, value in settings.items())
+    if cfg.json:
+        return result
+    print(f"{cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * mfu:.0f}% MFU: {flops:.3g} FLOPs")
+    print(f"vocabulary {vocab_size_of(train_cfg.dataset):,} (from data/{train_cfg.dataset}/meta.json when prepared, else GPT-2's; set --dataset)")
+    print(f"compute-optimal under {cfg.law}: N {n_opt:.3g}; chosen {depth} layers x {64 * depth} wide = {n:,} parameters, "
+          f"{tokens:.3g} tokens ({tokens / n:.0f} per parameter), {steps:,} steps of {batch_tokens:,} tokens, "
+          f"lr {learning_rate:.3g}; expected loss {result['expected_loss']:.3f}")
+    print(f"wrote {cfg.plan_out}")
+
+
+COMMANDS = dict(fit=cmd_fit, isoflop=cmd_isoflop, sweep=cmd_sweep, table=cmd_table, mfu=cmd_mfu, plan=cmd_plan)
 
 
 def main(argv):

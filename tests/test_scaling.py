@@ -124,6 +124,26 @@ def test_sweep_micro_grid_end_to_end(tmp_path):
     assert again.returncode == 0 and "6 already done" in again.stderr
 
 
+def test_plan_writes_a_config_that_train_py_runs(tmp_path, monkeypatch, capsys):
+    import prepare
+    import train
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question\n" * 400)
+    prepare.main(["--source=corpus.txt", "--dataset=tiny"])
+    capsys.readouterr()
+    plan = run_json(["plan", "--gpu=H100", "--hours=2e-6", "--law=epoch", "--dataset=tiny", "--plan_block_size=32",
+                     "--plan_out=plan.py"], capsys)
+    law = scaling.LAWS["epoch"]
+    assert plan["flops"] == pytest.approx(989e12 * 0.4 * 2e-6 * 3600)
+    G, a = scaling.optimal_split(law)
+    assert plan["N_opt"] == pytest.approx(G * (plan["flops"] / 6) ** a)
+    assert plan["expected_loss"] == pytest.approx(scaling.predicted_loss(law, plan["N"], plan["tokens"]))
+    train.main(["plan.py", "--dataset=tiny", "--out_dir=run", "--max_iters=3", "--eval_iters=2", "--sample_tokens=0"])
+    checkpoint = train.load_checkpoint("run/ckpt.pt")
+    assert checkpoint["model_config"]["n_embd"] == plan["shape"]["n_embd"]
+    assert checkpoint["config"]["batch_tokens"] == plan["batch_tokens"] and checkpoint["state"]["step"] == 3
+
+
 def test_bad_input_is_one_line(tmp_path):
     bad_csv = write_csv(tmp_path / "bad.csv", {"params": [1e6], "accuracy": [0.5]})
     empty_run = tmp_path / "run"
