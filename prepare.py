@@ -366,7 +366,9 @@ def load_meta(data_dir):
                 raise UserError(f"{bin_path} has {os.path.getsize(bin_path):,} bytes but meta.json says "
                                 f"{expected:,}: it is incomplete or stale; {redo}")
     except FileNotFoundError as e:
-        raise UserError(f"{path} not found: the dataset is not prepared; {redo}") from e
+        name = os.path.basename(os.path.normpath(data_dir))
+        raise UserError(f"{path} not found: the dataset is not prepared; run `python prepare.py` with the same "
+                        f"config file or --dataset={name} first") from e
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}); {redo}") from e
     return meta
