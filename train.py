@@ -86,8 +86,13 @@ DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
 
 # Peak dense bf16 tensor throughput in TFLOP/s from the vendors' data sheets (without sparsity).
 # Matched in order against torch.cuda.get_device_name(), so the more specific names come first.
-PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("GH200", 989), ("A100", 312),
-               ("L40S", 362), ("L4", 121), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125)]  # V100: fp16
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L40", 181),
+               ("L4", 121), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125)]  # V100: fp16
+
+
+def table_peak_tflops(gpu_name):
+    """The table's peak for a GPU name (case-insensitive), or None when the table does not know it."""
+    return next((tflops for key, tflops in PEAK_TFLOPS if key.lower() in gpu_name.lower()), None)
 
 
 def peak_flops(device, override_tflops):
@@ -96,8 +101,8 @@ def peak_flops(device, override_tflops):
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+    tflops = table_peak_tflops(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -327,7 +332,9 @@ def run(cfg, overrides, device, rank, world, stop):
                              cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []))
 
     def restore(checkpoint):
-        set_state_dict(raw_model, optimizers, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizers"])
+        # full_state_dict: the checkpoint holds whole tensors, which FSDP must shard again as it loads them
+        set_state_dict(raw_model, optimizers, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizers"],
+                       options=StateDictOptions(full_state_dict=True))
         state.update(checkpoint["state"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         sampler.set_state(checkpoint["rng"]["sampler"])

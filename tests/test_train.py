@@ -206,3 +206,14 @@ def test_two_processes_under_torchrun_match_one_process(tiny_data, sharding):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
     la, lb = train_losses("one"), train_losses("two")
     assert la.keys() == lb.keys() and all(la[s] == pytest.approx(lb[s], rel=1e-5) for s in la)
+
+    # stopped at step 3 and resumed under torchrun, the two processes continue exactly (for FSDP the full
+    # checkpoint is sharded again on load)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, "--out_dir=resumed",
+                f"--fsdp={sharding == 'fsdp'}"]
+    first = run_script(*torchrun, "--max_iters=3")
+    second = run_script(*torchrun, "--resume")
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    assert train_losses("resumed")[6] == lb[6]
+    resumed = train.load_checkpoint("resumed/ckpt.pt")["model"]
+    assert all(torch.equal(resumed[name], b[name]) for name in b)
