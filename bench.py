@@ -16,10 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-# Decoding runs hundreds of tiny operations per token; OpenMP threads that spin between them (its default)
-# take the cores from the main thread whenever the CPU is shared. bench.py's KV-cache figure on the 2-core
-# CPU under load: 11 tok/s spinning, 235 waiting passively. Set before torch loads OpenMP; a value already
-# in the environment wins.
+# The same OpenMP setting as sample.py (see there why), so the benchmark measures what sample.py runs.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch

@@ -386,7 +386,7 @@ def cmd_table(cfg, _):
 
 def gpu_peak_tflops(gpu, override):
     import train
-    peak = override or next((t for k, t in train.PEAK_TFLOPS if gpu and k.lower() in gpu.lower()), None)
+    peak = override or (gpu and train.table_peak_tflops(gpu))
     if not peak:
         raise UserError(f"unknown GPU {gpu!r}: name one of {', '.join(k for k, _ in train.PEAK_TFLOPS)} or set --peak_tflops")
     return peak
