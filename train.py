@@ -179,6 +179,30 @@ def learning_rate_scale(step, progress, cfg):
 
 # ----------------------------------------------------------------------------- data
 
+class TokenData:
+    """Pretraining batches: windows of block_size + 1 tokens at random offsets of data/<dataset>/{split}.bin.
+    sft.py hands run() another object with the same attributes and methods (packed, masked conversations)."""
+
+    def __init__(self, dataset):
+        self.dir = os.path.join("data", dataset)
+        self.meta = load_meta(self.dir)
+        self.vocab_size = self.meta["vocab_size"]
+        self.bytes_per_val_token = self.meta["val_bytes"] / self.meta["val_tokens"]  # for bits per byte
+        self.sample_prompt, self.sample_stop_tokens = [self.meta["eot_id"]], ()  # samples start a new document
+        self.checkpoint_fields = dict(tokenizer=self.meta["tokenizer"], dataset=dataset)
+
+    def positions(self, split, block_size):
+        """How many sequences can be drawn from `split`: the offsets a window of block_size + 1 fits at."""
+        n = self.meta[f"{split}_tokens"]
+        if n <= block_size:
+            raise UserError(f"{split}.bin holds {n} tokens, fewer than block_size + 1 = {block_size + 1}: "
+                            "use more data or a smaller block_size")
+        return n - block_size
+
+    def batch(self, split, offsets, block_size):
+        return read_batch(os.path.join(self.dir, f"{split}.bin"), self.meta["dtype"], offsets, block_size)
+
+
 def read_batch(path, dtype, offsets, block_size):
     """Inputs and next-token targets for sequences starting at `offsets`. A fresh memmap per batch:
     one held open across a long run grows the process's memory (nanoGPT's note)."""
@@ -228,8 +252,11 @@ def load_checkpoint(path):
 
 def main(argv):
     overrides = configurator.parse(argv, TrainConfig, GPTConfig)
-    cfg = configurator.build(TrainConfig, overrides)
+    launch(configurator.build(TrainConfig, overrides), overrides)
 
+
+def launch(cfg, overrides, **run_options):
+    """Set up the process (alone, or one of torchrun's), route Ctrl-C and SIGTERM to a clean stop, and run."""
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:
         device_type = "cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
@@ -247,7 +274,7 @@ def main(argv):
 
     previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run(cfg, overrides, device, rank, world, stop)
+        run(cfg, overrides, device, rank, world, stop, **run_options)
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
@@ -255,27 +282,26 @@ def main(argv):
             dist.destroy_process_group()
 
 
-def run(cfg, overrides, device, rank, world, stop):
+def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
+    """Train until a budget, a signal or early stopping ends the run. `data` gives the batches (by default
+    TokenData(cfg.dataset)); `init` is a checkpoint whose architecture and weights the model starts from
+    (sft.py fine-tunes a pretrained model this way; its optimizer state and step are not taken)."""
     # imported here, not at the top: it costs half a second, and sample.py imports this module for load_checkpoint
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    data_dir = os.path.join("data", cfg.dataset)
-    meta = load_meta(data_dir)
-    tokenizer = load_tokenizer(meta["tokenizer"])
-    train_bin, val_bin = os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")
+    data = data or TokenData(cfg.dataset)
+    tokenizer = load_tokenizer(data.checkpoint_fields["tokenizer"])
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
 
     resumed = load_checkpoint(ckpt_path) if cfg.resume else None
-    if resumed:  # the architecture is the checkpoint's; the training settings are this command's
-        model_cfg = GPTConfig(**resumed["model_config"])
+    if resumed or init:  # the architecture is the checkpoint's; the training settings are this command's
+        model_cfg = GPTConfig(**(resumed or init)["model_config"])
     else:
-        model_cfg = build_model_config(cfg, overrides, meta["vocab_size"])
+        model_cfg = build_model_config(cfg, overrides, data.vocab_size)
     T = model_cfg.block_size
-    for split, n in (("train", meta["train_tokens"]), ("val", meta["val_tokens"])):
-        if n <= T:
-            raise UserError(f"{split}.bin holds {n} tokens, fewer than block_size + 1 = {T + 1}: use more data or a smaller block_size")
+    train_positions, val_positions = data.positions("train", T), data.positions("val", T)
 
     micro_tokens = cfg.batch_size * T * world
     batch_tokens = cfg.batch_tokens or micro_tokens
@@ -291,7 +317,10 @@ def run(cfg, overrides, device, rank, world, stop):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling, bf16 does not
 
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).to(device)
+    model = GPT(model_cfg)
+    if init and not resumed:
+        model.load_state_dict(init["model"])
+    model = model.to(device)
     raw_model = model
     counts = model.param_counts()
     flops_per_token = model.flops_per_token()
@@ -327,7 +356,7 @@ def run(cfg, overrides, device, rank, world, stop):
         model_state, optim_state = get_state_dict(raw_model, optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return dict(version=CHECKPOINT_VERSION, model=model_state, optimizers=optim_state,
                     model_config=dataclasses.asdict(model_cfg), config=dataclasses.asdict(cfg),
-                    tokenizer=meta["tokenizer"], dataset=cfg.dataset, state=dict(state),
+                    **data.checkpoint_fields, state=dict(state),
                     rng=dict(torch=torch.get_rng_state(), sampler=sampler.get_state(),
                              cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []))
 
@@ -379,14 +408,14 @@ def run(cfg, overrides, device, rank, world, stop):
 
     # fixed validation batches: same offsets at every evaluation, split over the processes
     eval_gen = torch.Generator().manual_seed(cfg.seed)
-    eval_offsets = torch.randint(meta["val_tokens"] - T, (cfg.eval_iters, cfg.batch_size), generator=eval_gen)[rank::world]
+    eval_offsets = torch.randint(val_positions, (cfg.eval_iters, cfg.batch_size), generator=eval_gen)[rank::world]
 
     @torch.no_grad()
     def evaluate():
         model.eval()
         total = torch.zeros(2, device=device)  # summed loss, number of batches
         for offsets in eval_offsets:
-            x, y = to_device(*read_batch(val_bin, meta["dtype"], offsets, T), device)
+            x, y = to_device(*data.batch("val", offsets, T), device)
             with autocast:
                 _, loss = model(x, y)
             total += torch.stack([loss.float(), torch.ones((), device=device)])
@@ -397,13 +426,16 @@ def run(cfg, overrides, device, rank, world, stop):
 
     def print_sample():
         raw_model.eval()
-        prompt = torch.tensor([[tokenizer.eot_id]], device=device)
+        prompt = torch.tensor([data.sample_prompt], device=device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        # special tokens (sft.py's chat markers) live in the embedding's padding rows, past the tokenizer's vocabulary
+        vocab_size = max([tokenizer.vocab_size] + [i + 1 for i in data.sample_stop_tokens])
         with autocast:
             ids = [t.item() for t in raw_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen,
-                                                     vocab_size=tokenizer.vocab_size)]
+                                                     stop_tokens=data.sample_stop_tokens, vocab_size=vocab_size)]
         raw_model.train()
-        say("-" * 40 + "\n" + tokenizer.decode(ids) + "\n" + "-" * 40)
+        text = tokenizer.decode([i for i in data.sample_prompt + ids if i < tokenizer.vocab_size])
+        say("-" * 40 + "\n" + text + "\n" + "-" * 40)
 
     nonfinite_in_a_row = 0
     run_start = time.time() - state["elapsed"]
@@ -414,7 +446,7 @@ def run(cfg, overrides, device, rank, world, stop):
         state["elapsed"] = time.time() - run_start
         if evaluate_first:
             val_loss = evaluate()
-            bpb = val_loss * meta["val_tokens"] / meta["val_bytes"] / math.log(2)
+            bpb = val_loss / data.bytes_per_val_token / math.log(2)
             improved = val_loss < state["best_val_loss"]
             if improved:
                 state["best_val_loss"], state["evals_since_best"] = val_loss, 0
@@ -462,11 +494,11 @@ def run(cfg, overrides, device, rank, world, stop):
             for group in opt.param_groups:
                 group["lr"] = group["peak_lr"] * lr_scale
 
-        offsets = torch.randint(meta["train_tokens"] - T, (accum_steps * world, cfg.batch_size), generator=sampler)
+        offsets = torch.randint(train_positions, (accum_steps * world, cfg.batch_size), generator=sampler)
         loss_sum = torch.zeros((), device=device)
         moe_load = None
         for micro in range(accum_steps):
-            x, y = to_device(*read_batch(train_bin, meta["dtype"], offsets[micro * world + rank], T), device)
+            x, y = to_device(*data.batch("train", offsets[micro * world + rank], T), device)
             # DDP averages gradients on the last micro-step only; the others accumulate locally
             skip_sync = world > 1 and not cfg.fsdp and micro < accum_steps - 1
             with (model.no_sync() if skip_sync else contextlib.nullcontext()), autocast:
