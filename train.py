@@ -37,6 +37,8 @@ class TrainConfig:
     out_dir: str = "out"
     dataset: str = "shakespeare"       # reads data/<dataset>/, written by `python prepare.py`
     resume: bool = False               # continue from out_dir/ckpt.pt, exactly as if never stopped
+    init_from: str = ""                # start from these weights: a run directory (its ckpt.pt) or a .pt file,
+                                       # e.g. a Hugging Face model imported by export.py; optimizer and step start afresh
     preset: str = "classic"            # architecture from model.PRESETS; model keys in the config override it
     vocab_multiple: int = 64           # pad the embedding table to a multiple of this: faster matmuls (nanoGPT's 50304)
     # batch: micro-batches of batch_size sequences, accumulated to batch_tokens per optimizer step
@@ -252,7 +254,16 @@ def load_checkpoint(path):
 
 def main(argv):
     overrides = configurator.parse(argv, TrainConfig, GPTConfig)
-    launch(configurator.build(TrainConfig, overrides), overrides)
+    cfg = configurator.build(TrainConfig, overrides)
+    launch(cfg, overrides, init=load_init(cfg.init_from) if cfg.init_from and not cfg.resume else None)
+
+
+def load_init(init_from):
+    """The checkpoint to start from: init_from/ckpt.pt for a run directory, else the file itself."""
+    path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
+    if not os.path.isfile(path):
+        raise UserError(f"init_from: no checkpoint at {path}; give a run directory or a .pt file")
+    return load_checkpoint(path)
 
 
 def launch(cfg, overrides, **run_options):
@@ -300,6 +311,9 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
         model_cfg = GPTConfig(**(resumed or init)["model_config"])
     else:
         model_cfg = build_model_config(cfg, overrides, data.vocab_size)
+    if init and data.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"the data's vocabulary ({data.vocab_size}) is larger than the starting model's embedding "
+                        f"table ({model_cfg.vocab_size}): prepare the data with the model's tokenizer")
     T = model_cfg.block_size
     train_positions, val_positions = data.positions("train", T), data.positions("val", T)
 
@@ -434,8 +448,8 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
             ids = [t.item() for t in raw_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen,
                                                      stop_tokens=data.sample_stop_tokens, vocab_size=vocab_size)]
         raw_model.train()
-        text = tokenizer.decode([i for i in data.sample_prompt + ids if i < tokenizer.vocab_size])
-        say("-" * 40 + "\n" + text + "\n" + "-" * 40)
+        prompt, reply = (tokenizer.decode([i for i in part if i < tokenizer.vocab_size]) for part in (data.sample_prompt, ids))
+        say("-" * 40 + "\n" + (prompt + "\n" if prompt else "") + reply + "\n" + "-" * 40)
 
     nonfinite_in_a_row = 0
     run_start = time.time() - state["elapsed"]

@@ -217,3 +217,14 @@ def test_two_processes_under_torchrun_match_one_process(tiny_data, sharding):
     assert train_losses("resumed")[6] == lb[6]
     resumed = train.load_checkpoint("resumed/ckpt.pt")["model"]
     assert all(torch.equal(resumed[name], b[name]) for name in b)
+
+
+def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimizer(tiny_data):
+    train.main(TINY + ["--out_dir=first", "--max_iters=20", "--eval_interval=20"])
+    train.main(TINY + ["--out_dir=second", "--init_from=first", "--max_iters=4", "--eval_interval=4"])
+    first, second = read_log("first"), read_log("second")
+    # step 0 of the second run evaluates exactly the weights the first one ended with
+    assert second[0]["step"] == 0 and second[0]["val_loss"] == first[-1]["val_loss"]
+    assert train.load_checkpoint("second/ckpt.pt")["state"]["step"] == 4
+    with pytest.raises(UserError, match="init_from: no checkpoint at nowhere"):
+        train.main(TINY + ["--out_dir=third", "--init_from=nowhere"])
