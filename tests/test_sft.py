@@ -1,0 +1,218 @@
+"""sft.py on tiny models: masked positions get no gradient, the loss is the assistant tokens' mean, the
+template round-trips, identity and cleaning, packing at turn boundaries, local and Hub-format data, and a
+fine-tuned model that beats its base model on held-out conversations."""
+
+import io
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import prepare
+import sample
+import sft
+import train
+from configurator import UserError
+from model import GPT, GPTConfig
+from tokenizer import load_tokenizer
+
+CHARS = "\n abcdefghijklmnopqrstuvwxyz0123456789?.,'"
+TOKENIZER = load_tokenizer({"kind": "char", "chars": CHARS})
+SPECIAL = sft.chat_template(TOKENIZER, 64)
+TEXT = {"user": "user, ", "assistant": "bot, ", "end_of_turn": "\n\n", "system": "sys, "}
+PRETRAIN = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=48", "--block_size=64", "--batch_size=16",
+            "--eval_iters=4", "--sample_tokens=0", "--warmup_iters=10", "--learning_rate=3e-3", "--out_dir=base"]
+
+
+def sums(n, seed):
+    rng = random.Random(seed)
+    return [(a, b) for a, b in ((rng.randint(0, 49), rng.randint(0, 49)) for _ in range(n))]
+
+
+@pytest.fixture
+def base_run(tmp_path, monkeypatch):
+    """A tiny char model pretrained on sums written as prose, and chat data asking for them."""
+    monkeypatch.chdir(tmp_path)
+    text = "\n".join(f"what is {a} plus {b}? so {a} plus {b} is {a + b}, they said." for a, b in sums(3000, 0))
+    (tmp_path / "corpus.txt").write_text(text)
+    prepare.main(["--source=corpus.txt", "--dataset=tiny", "--tokenizer=char"])
+    train.main(PRETRAIN + ["--max_iters=150", "--eval_interval=150"])
+    with open("chat.jsonl", "w") as f:
+        for a, b in sums(1200, 1):
+            f.write(json.dumps({"prompt": f"what is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}) + "\n")
+    return tmp_path
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_special_tokens_sit_in_the_padding_rows_and_text_markers_are_the_fallback():
+    assert SPECIAL == {"user": [43], "assistant": [44], "end_of_turn": [45], "system": [46]}
+    assert isinstance(sft.chat_template(load_tokenizer({"kind": "char", "chars": CHARS + "<|>"}), 45)["user"], str)
+    with pytest.raises(UserError, match="not in the char vocabulary"):
+        sft.chat_template(TOKENIZER, 43)  # no room for special tokens, and no "<|>" to write markers with
+
+
+@pytest.mark.parametrize("template", [SPECIAL, TEXT], ids=["special", "text"])
+def test_the_template_renders_and_parses_back(template):
+    messages = [dict(role="system", content="be brief."), dict(role="user", content="what is 2 plus 2?"),
+                dict(role="assistant", content="2 plus 2 is 4."), dict(role="user", content="and 3 plus 3?"),
+                dict(role="assistant", content="6.")]
+    ids, trained = sample.render_chat(TOKENIZER, template, messages)
+    assert sft.parse_chat(TOKENIZER, template, ids) == messages
+    # what carries loss is exactly the assistant's words and their end_of_turn
+    end = sample.marker_ids(TOKENIZER, template["end_of_turn"])
+    assert [i for i, t in zip(ids, trained) if t] == TOKENIZER.encode("2 plus 2 is 4.") + end + TOKENIZER.encode("6.") + end
+
+
+def packed_batch(tmp_path, mask_prompt=True):
+    rows = [{"prompt": f"what is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."} for a, b in sums(40, 2)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(map(json.dumps, rows)))
+    cfg = sft.SFTConfig(sources=str(path), identity_rate=0.0, val_fraction=0.25, mask_prompt=mask_prompt)
+    data = sft.PackedChats(cfg, 0, TOKENIZER, SPECIAL, 128, {}, lambda *a: None)
+    return data, data.batch("train", torch.arange(len(data.rows["train"])), 128)
+
+
+def test_masked_positions_contribute_exactly_zero_gradient_and_the_loss_is_the_assistant_mean(tmp_path):
+    data, (x, y) = packed_batch(tmp_path)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=128, n_layer=2, n_head=2, n_embd=32))
+    logits, loss = model(x, y)
+    logits.retain_grad()
+    loss.backward()
+    masked = y == -1
+    assert masked.any() and (~masked).any()
+    assert torch.all(logits.grad[masked] == 0)
+    assert torch.all(logits.grad[~masked].abs().sum(-1) > 0)
+    # the mean over exactly the assistant's tokens: its words and its end_of_turn, nothing of the prompt
+    per_token = torch.nn.functional.cross_entropy(logits.detach()[~masked], y[~masked])
+    assert torch.allclose(loss, per_token)
+    answers = "".join(TOKENIZER.decode([int(t) for t in row if 0 <= t < TOKENIZER.vocab_size]) for row in y)
+    assert "what is" not in answers and "plus" in answers
+    assert int((y == SPECIAL["end_of_turn"][0]).sum()) == answers.count(".")  # one end_of_turn per answer
+
+
+def test_without_prompt_masking_every_real_token_carries_loss(tmp_path):
+    masked, _ = packed_batch(tmp_path, mask_prompt=True)
+    unmasked, _ = packed_batch(tmp_path, mask_prompt=False)
+    share = lambda d: d.masks["train"][:, 1:].mean()
+    assert share(unmasked) > 2 * share(masked)
+    assert (unmasked.masks["train"] == (unmasked.rows["train"] != TOKENIZER.eot_id)).mean() > 0.9
+
+
+def test_identity_conversations_appear_at_the_configured_rate(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": f"r{i}"}) for i in range(1000)))
+    cfg = sft.SFTConfig(sources=str(path), identity_rate=0.2, identity_name="Puck", identity_maker="Oberon")
+    train_set, val_set = sft.load_conversations(cfg, 0, random.Random(0), lambda *a: None)
+    identity = [c for c in train_set if "Puck" in c[1]["content"] or "Oberon" in c[1]["content"]]
+    assert len(identity) / len(train_set) == pytest.approx(0.2, abs=0.005)
+    assert any("Puck" in c[1]["content"] for c in val_set)
+
+
+def test_a_sample_claiming_to_be_another_model_is_dropped_and_counted(tmp_path):
+    rows = [("who are you?", "I am ChatGPT, a large language model."),
+            ("help", "As an AI language model developed by OpenAI, I cannot do that."),
+            ("name?", "I'm Claude."),
+            ("compare", "GPT-4 and Gemini are both large models."),   # a mention, not a claim: kept
+            ("animal", "The llama is a South American camelid."),
+            ("hi", "Hello there.")]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": q, "input": "", "output": a}) for q, a in rows))
+    said = []
+    cfg = sft.SFTConfig(sources=str(path), identity_rate=0.0, val_fraction=0.2)
+    train_set, val_set = sft.load_conversations(cfg, 0, random.Random(0), said.append)
+    kept = {c[1]["content"] for c in train_set + val_set}
+    assert kept == {rows[3][1], rows[4][1], rows[5][1]}
+    assert "3 claiming to be another model dropped" in said[0]
+
+
+def test_long_conversations_split_between_exchanges_never_inside_one():
+    messages = [dict(role="system", content="sum.")]
+    for a, b in sums(6, 3):
+        messages += [dict(role="user", content=f"what is {a} plus {b}?"), dict(role="assistant", content=f"{a + b}.")]
+    ids, trained, starts = sft.encode(TOKENIZER, SPECIAL, messages, mask_prompt=True)
+    pieces, cut = sft.fit_to_context(ids, trained, starts, 60, "split")
+    assert len(pieces) > 1 and cut == 0
+    parsed = [sft.parse_chat(TOKENIZER, SPECIAL, piece) for piece, _ in pieces]
+    assert all(len(piece) <= 60 for piece, _ in pieces)
+    assert parsed[0][0]["role"] == "system"
+    assert [m for p in parsed for m in p] == messages  # every exchange whole, in order, in exactly one piece
+    assert all([m["role"] for m in p if m["role"] != "system"] == ["user", "assistant"] * (len(p) // 2) for p in parsed)
+    (piece, _), = sft.fit_to_context(ids, trained, starts, 60, "truncate")[0]
+    assert piece == ids[:60]
+
+
+def test_rows_are_full_and_hold_whole_conversations(tmp_path):
+    data, _ = packed_batch(tmp_path)
+    rows, masks = data.rows["train"], data.masks["train"]
+    assert rows.shape[1] == 129
+    assert (rows[:, 0] == TOKENIZER.eot_id).all()  # every row starts a conversation
+    for row, mask in zip(rows.tolist(), masks):
+        end = max(i for i, m in enumerate(mask) if m) + 1  # after the last loss token, padding only
+        assert set(row[end:]) <= {TOKENIZER.eot_id}
+        starts = [i for i, t in enumerate(row[:end]) if t == TOKENIZER.eot_id] + [end]
+        for a, b in zip(starts, starts[1:]):
+            assert [m["role"] for m in sft.parse_chat(TOKENIZER, SPECIAL, row[a:b])] == ["user", "assistant"]
+    assert ((rows == TOKENIZER.eot_id) & ~masks).mean() < 0.25  # first-fit packing leaves little room unused
+
+
+def test_hub_format_data_loads_through_datasets(tmp_path):
+    pytest.importorskip("pyarrow")
+    import datasets
+    ultrachat = [{"prompt": "hi", "prompt_id": str(i), "messages": [dict(role="user", content=f"hello {i}"),
+                                                                    dict(role="assistant", content=f"hi {i}.")]}
+                 for i in range(20)]
+    folder = tmp_path / "ultrachat"
+    folder.mkdir()
+    datasets.Dataset.from_list(ultrachat).to_parquet(str(folder / "train_sft-00000.parquet"))
+    cfg = sft.SFTConfig(sources=f"hf:{folder}:train@10", identity_rate=0.0, val_fraction=0.1)
+    train_set, val_set = sft.load_conversations(cfg, 0, random.Random(0), lambda *a: None)
+    assert len(train_set) + len(val_set) == 10
+    assert sorted(c[0]["content"] for c in train_set + val_set) == sorted(f"hello {i}" for i in range(10))
+
+
+def test_fine_tuning_beats_the_base_model_and_chats_in_the_template(base_run, capsys):
+    sft.main(["--init_from=base", "--sources=chat.jsonl", "--identity_rate=0", "--max_iters=120", "--eval_interval=60",
+              "--warmup_iters=10", "--lr_fraction=0.3"])
+    evals = [r for r in read_log("out-sft") if "val_loss" in r]
+    base, tuned = evals[0]["val_loss"], evals[-1]["val_loss"]  # step 0 evaluates the pretrained weights
+    assert tuned < base - 1.0, (base, tuned)
+    checkpoint = train.load_checkpoint("out-sft/ckpt.pt")
+    tokenizer = load_tokenizer(checkpoint["tokenizer"])
+    assert checkpoint["chat_template"] == sft.chat_template(tokenizer, 64)
+    # sample.py --chat renders with the stored template and the reply ends at end_of_turn
+    replies = iter(["what is 12 plus 30?"])
+
+    def read(prompt):
+        try:
+            return next(replies)
+        except StopIteration:
+            raise EOFError
+
+    cfg = sample.SampleConfig(out_dir="out-sft", temperature=0, max_new_tokens=40)
+    model, tokenizer, ckpt = sample.load(cfg)
+    out = io.StringIO()
+    sample.chat(model, tokenizer, ckpt, cfg, out, read=read)
+    answer = out.getvalue().strip()
+    assert "plus" in answer and len(answer) < 40, answer
+
+
+def test_bad_input_is_one_clear_line(base_run):
+    with pytest.raises(UserError, match="no checkpoint at nowhere"):
+        sft.main(["--init_from=nowhere", "--sources=chat.jsonl"])
+    with pytest.raises(UserError, match="would overwrite the pretrained"):
+        sft.main(["--init_from=base", "--out_dir=base", "--sources=chat.jsonl"])
+    with pytest.raises(UserError, match="not found"):
+        sft.main(["--init_from=base", "--sources=missing.jsonl"])
+    with open("odd.jsonl", "w") as f:
+        f.write(json.dumps({"text": "no roles here"}) + "\n")
+    with pytest.raises(UserError, match="is not a conversation"):
+        sft.main(["--init_from=base", "--sources=odd.jsonl"])
+    with pytest.raises(UserError, match="overlong must be"):
+        sft.main(["--init_from=base", "--sources=chat.jsonl", "--overlong=wrap"])
