@@ -95,7 +95,7 @@ def test_cached_generation_equals_full_recompute_at_temperature_0(tmp_path, pres
     assert cached == recompute(model, prompt, 50)[len(prompt):]
     # and through the script, which also decodes and streams the tokens
     text = run_sample(f"--out_dir={write_run(tmp_path / 'run', model)}", "--prompt=the queen", "--temperature=0",
-                      "--max_new_tokens=50")
+                      "--max_new_tokens=50", "--dtype=float32")
     assert text == "the queen" + tokenizer.decode(cached) + "\n" + "-" * 40 + "\n"
 
 

@@ -1,0 +1,50 @@
+"""bench.py: every benchmark runs end to end at a tiny size and writes the JSON the README's numbers come
+from. Speeds are not asserted: they depend on the machine and its load."""
+
+import base64
+import json
+
+import bench
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--new_tokens=12",
+        "--warmup_steps=1", "--timed_steps=2", "--repeats=1", "--prepare_mb=0.02"]
+
+
+def write_ranks(path):
+    """A small byte-level BPE in tiktoken's format: the 256 bytes, then a few merges of common letters."""
+    tokens = [bytes([i]) for i in range(256)] + [b"th", b"he", b"the", b" the", b"an", b"in", b"er", b"ou"]
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(tokens)))
+    return path
+
+
+def test_every_benchmark_runs_and_writes_its_keys(tmp_path, capsys):
+    ranks = write_ranks(tmp_path / "small.tiktoken")
+    out = tmp_path / "bench.json"
+    results = bench.main(TINY + [f"--prepare_tokenizers=char,{ranks}", f"--json={out}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert set(results) == {"training", "generation", "prepare"}
+
+    training = results["training"]
+    assert training["model"]["n_layer"] == 1 and training["block_size"] == 32 and training["batch_size"] == 2
+    assert training["tok_per_sec"] > 0 and training["flops_per_token"] > 0
+    assert training["mfu"] is None  # no peak known for a CPU and none given
+
+    generation = results["generation"]
+    for key in ("kv_cache", "kv_cache_plain", "recompute", "recompute_same"):
+        assert generation[f"{key}_tok_per_sec"] > 0 and generation[f"{key}_settings"]
+    assert generation["speedup"] > 0 and generation["speedup_same_settings"] > 0
+    assert generation["new_tokens"] == 12 and generation["model"]["n_embd"] == 32
+
+    tokenizers = results["prepare"]["tokenizers"]
+    assert set(tokenizers) == {"char", str(ranks)}
+    for name in tokenizers:
+        assert tokenizers[name]["prepare_mb_per_sec"] > 0 and tokenizers[name]["tokenizer_mb_per_sec"] > 0
+    assert tokenizers[str(ranks)]["vocab_size"] == 265  # 264 ranks and the end-of-text token
+    printed = capsys.readouterr().out
+    assert "MFU" in printed and "n/a" in printed and "speed-up like for like" in printed
+
+
+def test_peak_tflops_gives_an_mfu(capsys):
+    results = bench.main(TINY + ["--only=training", "--peak_tflops=1.0"])
+    assert set(results) == {"training"}
+    assert 0 < results["training"]["mfu"] < 1
