@@ -254,6 +254,8 @@ def chat(model, tokenizer, checkpoint, cfg, out, read=input):
         except EOFError:  # Ctrl-D: end the line the prompt is on
             out.write("\n")
             return
+        if read is input and not sys.stdin.isatty():  # piped messages: show them, so the output reads as a dialogue
+            out.write(message + "\n")
         try:
             for piece in conversation.respond(message, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                                               generator):

@@ -63,10 +63,10 @@ class SFTConfig:
     epochs: float = 0.0                # > 0: sets max_iters to this many passes over the packed training rows
 
 
-# The fine-tuning run's own defaults, under whatever the config file and command line set. Measured on the
-# offline demo from the Quick-start model (see the README): the validation loss flattens after ~400 steps.
-SFT_DEFAULTS = dict(init_from="out", out_dir="out-sft", max_iters=500, warmup_iters=50, eval_interval=100, eval_iters=10,
-                    sample_tokens=80, log_interval=20)
+# The fine-tuning run's own defaults, under whatever the config file and command line set. On the offline
+# demo from the Quick-start model the validation loss flattens between 750 and 1,000 steps (see the README).
+SFT_DEFAULTS = dict(init_from="out", out_dir="out-sft", max_iters=1000, warmup_iters=50, eval_interval=250,
+                    eval_iters=10, sample_tokens=80, log_interval=50)
 
 
 # ----------------------------------------------------------------------------- conversations
@@ -112,28 +112,28 @@ def demo_conversations(n, seed):
     """Questions about the Shakespeare corpus, answered from it, and sums: small enough for the Quick-start
     model's 128-character context, with answers that can be checked against the corpus."""
     rng = random.Random(seed)
-    speeches, plays_of = [], {}  # (play title, speaker, first line of a speech, the line after it)
+    speeches, plays_of = [], {}  # (play title, speaker, first line of a speech)
     for path in shakespeare_plays():
         with open(path, encoding="utf-8") as f:
             text = markdown_play_to_text(f.read())
         title = text.split("\n", 1)[0]
         for speaker, body in re.findall(r"^([A-Z][A-Z' ]+):\n((?:.+\n)+)", text, flags=re.MULTILINE):
-            lines = body.splitlines()[:2]
+            line = body.splitlines()[0]
             plays_of.setdefault(speaker, set()).add(title)
-            # spoken lines short enough for the context, not stage directions such as "[Aside]"
-            if len(lines) == 2 and all(len(line) <= 45 and not line.startswith("[") for line in lines):
-                speeches.append((title, speaker, *lines))
+            # a spoken line short enough for the context, not a stage direction such as "[Aside]"
+            if len(line) <= 45 and not line.startswith("["):
+                speeches.append((title, speaker, line))
     conversations = []
     for _ in range(n):
-        title, speaker, line, after = rng.choice(speeches)
+        title, speaker, line = rng.choice(speeches)
         a, b = rng.randint(0, 9), rng.randint(0, 9)  # one digit: a table this small a model can learn
         play = (f"{speaker} speaks in {title}." if len(plays_of[speaker]) == 1 else
                 f"{speaker} speaks in {len(plays_of[speaker])} plays, {title} among them.")
         conversations.append(rng.choice([
+            # each kind of question opens with its own word: a model this small tells them apart by the start
             [("user", f"Which play has {speaker} in it?"), ("assistant", play)],
             [("user", f"Give me a line of {speaker}."), ("assistant", line)],
-            [("user", f"What follows: {line}"), ("assistant", after)],
-            [("user", f"What is {a} plus {b}?"), ("assistant", f"{a} plus {b} is {a + b}.")],
+            [("user", f"Add {a} and {b}."), ("assistant", f"{a} plus {b} is {a + b}.")],
         ]))
     return [[dict(role=r, content=c) for r, c in conversation] for conversation in conversations]
 
@@ -355,6 +355,7 @@ class PackedChats:
         end = marker_ids(tokenizer, template["end_of_turn"])
         self.sample_stop_tokens = tuple(end) if len(end) == 1 else ()
         self.checkpoint_fields = checkpoint_fields
+        self.val_conversations = conversations[1]
 
     def positions(self, split, block_size):
         return len(self.rows[split])
@@ -404,6 +405,25 @@ def main(argv):
         f"{f' (Muon {cfg.muon_lr:.2e})' if cfg.optimizer == 'muon' else ''}, "
         f"{'assistant tokens only' if sft.mask_prompt else 'every token (mask_prompt=False)'} carry loss")
     launch(cfg, overrides, data=data, init=None if resume else start)
+    if "demo" in [parse_source(spec)[0] for spec in sft.sources.split(",")]:
+        say(demo_exam(os.path.join(cfg.out_dir, "best.pt"), data.val_conversations))
+
+
+def demo_exam(checkpoint_path, conversations, questions=100):
+    """How many held-out demo questions the fine-tuned model answers exactly, greedily, per kind of
+    question (its first word). The base model cannot answer in the template at all: it scores zero."""
+    from sample import Chat, SampleConfig, decoding, load
+    out_dir, ckpt = os.path.split(checkpoint_path)
+    model, tokenizer, checkpoint = load(SampleConfig(out_dir=out_dir, ckpt=ckpt))
+    right = {}
+    with decoding(model.lm_head.weight.device):
+        # "Give me a line of X" has many right answers: it teaches style, and is not examined
+        for messages in [c for c in conversations if len(c) == 2 and not c[0]["content"].startswith("Give")][:questions]:
+            question, answer = messages[0]["content"], messages[1]["content"]
+            reply = "".join(Chat(model, tokenizer, checkpoint["chat_template"]).respond(question, 80, temperature=0))
+            right.setdefault(question.split()[0], []).append(reply.strip() == answer)
+    return "held-out demo questions answered exactly (greedy): " + ", ".join(
+        f'"{kind} ..." {sum(marks)}/{len(marks)}' for kind, marks in sorted(right.items()))
 
 
 def say(*args):

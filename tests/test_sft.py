@@ -216,3 +216,20 @@ def test_bad_input_is_one_clear_line(base_run):
         sft.main(["--init_from=base", "--sources=odd.jsonl"])
     with pytest.raises(UserError, match="overlong must be"):
         sft.main(["--init_from=base", "--sources=chat.jsonl", "--overlong=wrap"])
+
+
+def test_the_offline_demo_fits_the_quick_start_model():
+    """Every demo conversation uses only characters of the plays (the Quick-start char vocabulary) and
+    fits its 128-token context, so none is skipped or split."""
+    chars = set()
+    for path in prepare.shakespeare_plays():
+        with open(path, encoding="utf-8") as f:
+            chars |= set(prepare.markdown_play_to_text(f.read()))
+    tokenizer = load_tokenizer({"kind": "char", "chars": "".join(sorted(chars))})
+    template = sft.chat_template(tokenizer, 128)
+    conversations = sft.demo_conversations(500, 0)
+    kinds = {c[0]["content"].split()[0] for c in conversations}
+    assert kinds == {"Which", "Give", "Add"}
+    for messages in conversations:
+        ids, _, _ = sft.encode(tokenizer, template, messages, mask_prompt=True)
+        assert len(ids) <= 129
