@@ -3,6 +3,7 @@
     python bench.py                                       # every benchmark, default model and settings
     python bench.py config/gpt_51m.py --only=training     # a recipe's model, batch, optimizer and dtype
     python bench.py --only=generation --json=bench.json   # also write the results as JSON
+    python bench.py --only=speedrun                       # the CPU speedrun against its baseline, whole commands
 
 Config files and --key=value set any key of train.py (model shape, batch_size, optimizer, dtype, compile,
 peak_tflops), of sample.py (dtype, threads, temperature, top_k) and the BenchConfig keys below.
@@ -30,6 +31,10 @@ or training pass, encoding with one process per CPU, writing .bin files) on the 
 repeated or cut to prepare_mb megabytes, in a temporary directory; and of the tokenizer alone, its encode
 over the same text in 1 MB pieces in one process. prepare_tokenizers takes prepare.py's --tokenizer
 values: char, sp, gpt2 (tiktoken's download; n/a offline) or a local .tiktoken ranks file.
+
+speedrun (only with --only=speedrun): `python train.py <config>` for each of `speedrun`'s configs, the
+baseline first, one after the other: the wall clock of the whole command and the final validation loss.
+Issue #8's CPU speedrun is the default pair; on a GPU, give the GPU recipe and its contender.
 """
 
 import contextlib
@@ -39,12 +44,15 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
-# The same OpenMP setting as sample.py (see there why), so the benchmark measures what sample.py runs.
+# The same OpenMP setting as sample.py (see there why), so the benchmark measures what sample.py runs. The
+# speedrun's train.py commands get the environment as it was, since train.py runs with the user's setting.
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
@@ -69,6 +77,7 @@ class BenchConfig:
     timed_steps: int = 10           # training: the median step time of these
     prepare_mb: float = 5.0         # prepare: megabytes of text
     prepare_tokenizers: str = "char,gpt2"  # prepare: prepare.py --tokenizer values, comma-separated
+    speedrun: str = "config/baseline_cpu.py,config/speedrun_cpu.py"  # speedrun: the baseline, then the contender(s)
 
 
 GENERATION_MODEL = dict(PRESETS["classic"], bias=False, n_layer=6, n_head=6, n_embd=384, block_size=1024, vocab_size=65)
@@ -238,13 +247,40 @@ def bench_prepare(cfg, tcfg, scfg, overrides, device):
     return dict(megabytes=nbytes / 1e6, cpus=os.cpu_count(), tokenizers=results)
 
 
-BENCHMARKS = {"training": bench_training, "generation": bench_generation, "prepare": bench_prepare}
+def bench_speedrun(cfg, tcfg, scfg, overrides, device):
+    """Whole `python train.py <config>` commands, one after the other, as a user runs them: wall clock with
+    start-up, compilation and evaluation, and the last validation loss in the run's log.jsonl. The data
+    must be prepared first (python prepare.py <config>)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if USER_OMP_WAIT_POLICY is not None:
+        env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+    runs = []
+    print("speedrun: whole train.py commands, one after the other")
+    for config in cfg.speedrun.split(","):
+        out_dir = configurator.read_config_file(config).get("out_dir", TrainConfig.out_dir)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, os.path.join(configurator.ROOT, "train.py"), config],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            raise UserError(f"python train.py {config} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            last = [record for record in map(json.loads, f) if "val_loss" in record][-1]
+        runs.append(dict(config=config, seconds=seconds, val_loss=last["val_loss"], steps=last["step"]))
+        share = f" ({100 * seconds / runs[0]['seconds']:.0f}% of the baseline)" if len(runs) > 1 else " (baseline)"
+        print(f"  {config:32s} {seconds:7.1f} s  val loss {last['val_loss']:.4f} after {last['step']:,} steps{share}")
+    return dict(runs=runs)
+
+
+BENCHMARKS = {"training": bench_training, "generation": bench_generation, "prepare": bench_prepare,
+              "speedrun": bench_speedrun}
+DEFAULT_BENCHMARKS = ["training", "generation", "prepare"]  # the speedrun needs its data prepared: --only=speedrun
 
 
 def main(argv):
     overrides = configurator.parse(argv, BenchConfig, TrainConfig, SampleConfig, GPTConfig)
     cfg, tcfg, scfg = (configurator.build(c, overrides) for c in (BenchConfig, TrainConfig, SampleConfig))
-    names = [name for name in cfg.only.split(",") if name] or list(BENCHMARKS)
+    names = [name for name in cfg.only.split(",") if name] or DEFAULT_BENCHMARKS
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise UserError(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")

@@ -48,3 +48,19 @@ def test_peak_tflops_gives_an_mfu(capsys):
     results = bench.main(TINY + ["--only=training", "--peak_tflops=1.0"])
     assert set(results) == {"training"}
     assert 0 < results["training"]["mfu"] < 1
+
+
+def test_speedrun_times_whole_train_commands_and_reads_their_final_loss(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question.\n" * 400)
+    common = ('dataset = "tiny"\nsource = "corpus.txt"\ntokenizer = "char"\nn_layer = 1\nn_head = 2\nn_embd = 32\n'
+              'block_size = 32\nbatch_size = 4\neval_iters = 2\nsample_tokens = 0\nwarmup_iters = 2\n')
+    (tmp_path / "slow.py").write_text(common + 'out_dir = "out-slow"\nmax_iters = 20\neval_interval = 10\n')
+    (tmp_path / "fast.py").write_text(common + 'out_dir = "out-fast"\nmax_iters = 10\neval_interval = 10\n')
+    import prepare
+    prepare.main(["slow.py"])
+    results = bench.main(["--only=speedrun", "--speedrun=slow.py,fast.py"])
+    slow, fast = results["speedrun"]["runs"]
+    assert (slow["config"], slow["steps"], fast["config"], fast["steps"]) == ("slow.py", 20, "fast.py", 10)
+    assert slow["seconds"] > 0 and fast["seconds"] > 0 and slow["val_loss"] < 5
+    assert "% of the baseline" in capsys.readouterr().out
