@@ -247,3 +247,15 @@ def test_the_offline_demo_beats_the_base_model_by_a_margin(tmp_path, monkeypatch
     evals = [r for r in read_log("out-sft") if "val_loss" in r]
     assert evals[0]["val_loss"] - evals[-1]["val_loss"] > 1.0, evals  # measured: 3.37 -> 2.08
     assert "held-out demo questions answered exactly (greedy)" in capsys.readouterr().out
+
+
+def test_resume_continues_with_the_fine_tuning_learning_rate(base_run):
+    args = ["--init_from=base", "--sources=chat.jsonl", "--identity_rate=0", "--warmup_iters=2", "--log_interval=1",
+            "--sample_tokens=0", "--eval_interval=5"]
+    sft.main(args + ["--max_iters=10", "--out_dir=straight"])
+    sft.main(args + ["--max_iters=5", "--out_dir=resumed"])
+    sft.main(args + ["--max_iters=10", "--out_dir=resumed", "--resume"])
+    straight, resumed = ({r["step"]: r["lr"] for r in read_log(d) if "lr" in r} for d in ("straight", "resumed"))
+    # 10% of the pretraining peak once, not again on resume, on the same schedule
+    assert max(straight.values()) == pytest.approx(0.1 * 3e-3)
+    assert resumed[10] == pytest.approx(straight[10]) and resumed[7] == pytest.approx(straight[7])
