@@ -39,7 +39,7 @@ SPLITS = ("train", "val")
 @dataclass
 class PrepareConfig:
     dataset: str = "shakespeare"    # output goes to data/<dataset>/
-    source: str = "shakespeare"     # shakespeare | path or glob of .txt/.md | .jsonl/.parquet file | hf:<name>
+    source: str = "shakespeare"     # shakespeare | path or glob of .txt/.md | .jsonl/.parquet file | hf:<name> | http(s) URL
     tokenizer: str = "char"         # char | sp | gpt2 | path/to/file.tiktoken
     text_column: str = "text"       # for .jsonl/.parquet and Hub datasets
     hf_subset: str = ""
@@ -155,6 +155,29 @@ def load_rows(cfg, data_format=None, files=None):
         raise UserError(f"{cfg.source} has no column {cfg.text_column!r}; its columns are {', '.join(first)} "
                         "(pass --text_column=...)")
     return table
+
+
+def download(url, data_dir):
+    """A URL source is fetched once into data/<dataset>/, as nanoGPT's shakespeare_char/prepare.py does,
+    and read from there like a local file; written atomically, so a broken download is never taken whole."""
+    import shutil
+    import urllib.parse
+    import urllib.request
+    path = os.path.join(data_dir, os.path.basename(urllib.parse.urlparse(url).path) or "download.txt")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(data_dir, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path + ".tmp", "wb") as f:
+            shutil.copyfileobj(response, f)
+        os.replace(path + ".tmp", path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not download {url} ({e}); download it yourself and give --source=<the file>") from e
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+    print(f"downloaded {url} to {path} ({os.path.getsize(path):,} bytes)")
+    return path
 
 
 def open_source(cfg, replaced):
@@ -422,6 +445,8 @@ def main(argv=None):
         raise UserError(f"--on_decode_error must be replace or fail, not {cfg.on_decode_error!r}")
     data_dir, replaced = os.path.join("data", cfg.dataset), [0]
     meta_path = os.path.join(data_dir, "meta.json")
+    if cfg.source.startswith(("http://", "https://")):
+        cfg = dataclasses.replace(cfg, source=download(cfg.source, data_dir))
     documents, total_bytes, identity = open_source(cfg, replaced)
     stamp = fingerprint(cfg, identity)
     if not cfg.force and os.path.isfile(meta_path):

@@ -227,3 +227,28 @@ def test_pretokenize_hook_is_recorded_in_the_spec(workdir, monkeypatch):
     assert meta["train_bytes"] + meta["val_bytes"] == 1100  # bytes of the text as given, for bits per byte
     with pytest.raises(UserError, match="pretokenize hook 'spacer:nothing' not found"):
         prepare.main(["--source=corpus.txt", "--dataset=e", "--pretokenize=spacer:nothing"])
+
+
+def test_a_url_source_is_downloaded_once_and_read_as_a_file(workdir, capsys):
+    import functools
+    import http.server
+    import threading
+    served = workdir / "served"
+    served.mkdir()
+    (served / "input.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 300)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/input.txt"
+    try:
+        meta = prepare.main([f"--source={url}", "--dataset=web"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (workdir / "data/web/input.txt").read_bytes() == (served / "input.txt").read_bytes()
+    assert meta["train_bytes"] + meta["val_bytes"] == (served / "input.txt").stat().st_size
+    # the server is gone: the copy is what is read now
+    assert prepare.main([f"--source={url}", "--dataset=web"])["fingerprint"] == meta["fingerprint"]
+    with pytest.raises(UserError, match="could not download http://127.0.0.1:9/x.txt"):
+        prepare.main(["--source=http://127.0.0.1:9/x.txt", "--dataset=nowhere"])
+    assert not os.path.exists("data/nowhere/x.txt.tmp")
