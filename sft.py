@@ -405,8 +405,8 @@ def main(argv):
         f"{f' (Muon {cfg.muon_lr:.2e})' if cfg.optimizer == 'muon' else ''}, "
         f"{'assistant tokens only' if sft.mask_prompt else 'every token (mask_prompt=False)'} carry loss")
     launch(cfg, overrides, data=data, init=None if resume else start)
-    if "demo" in [parse_source(spec)[0] for spec in sft.sources.split(",")]:
-        say(demo_exam(os.path.join(cfg.out_dir, "best.pt"), data.val_conversations))
+    if "demo" in [parse_source(spec)[0] for spec in sft.sources.split(",")] and int(os.environ.get("RANK", 0)) == 0:
+        print(demo_exam(os.path.join(cfg.out_dir, "best.pt"), data.val_conversations))
 
 
 def demo_exam(checkpoint_path, conversations, questions=100):

@@ -4,6 +4,7 @@ fine-tuned model that beats its base model on held-out conversations."""
 
 import io
 import json
+import math
 import os
 import random
 
@@ -259,3 +260,10 @@ def test_resume_continues_with_the_fine_tuning_learning_rate(base_run):
     # 10% of the pretraining peak once, not again on resume, on the same schedule
     assert max(straight.values()) == pytest.approx(0.1 * 3e-3)
     assert resumed[10] == pytest.approx(straight[10]) and resumed[7] == pytest.approx(straight[7])
+
+
+def test_epochs_set_the_step_budget_from_the_packed_rows(base_run, capsys):
+    sft.main(["--init_from=base", "--sources=chat.jsonl", "--identity_rate=0", "--epochs=0.5", "--sample_tokens=0",
+              "--eval_interval=1000"])
+    rows = int(capsys.readouterr().out.split(" conversations -> ")[1].split("packed into ")[1].split(" rows")[0].replace(",", ""))
+    assert train.load_checkpoint("out-sft/ckpt.pt")["state"]["step"] == math.ceil(0.5 * rows / 16)  # 16 rows a step
