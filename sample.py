@@ -18,6 +18,7 @@ definition of that layout: sft.py imports it, so training and chat cannot drift 
 """
 
 import contextlib
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -186,9 +187,13 @@ def decoding(device, threads=0):
 
 def load(cfg):
     path = os.path.join(cfg.out_dir, cfg.ckpt)
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir (and --ckpt) at a run")
-    checkpoint = load_checkpoint(path)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(cfg.out_dir, "model.safetensors")):
+        checkpoint = hf_checkpoint(cfg.out_dir)
+    elif not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir (and --ckpt) at a run "
+                        "or an exported Hugging Face folder")
+    else:
+        checkpoint = load_checkpoint(path)
     device = pick_device(cfg.device)
     try:
         model = GPT(GPTConfig(**checkpoint["model_config"]))
@@ -199,6 +204,16 @@ def load(cfg):
     # weights stored in bf16, not autocast: decoding is bound by reading the weights, so halve them once
     model.to(device=device, dtype=decoding_dtype(cfg.dtype, device)).eval()
     return model, load_tokenizer(checkpoint["tokenizer"]), checkpoint
+
+
+def hf_checkpoint(folder):
+    """A Hugging Face folder (GPT-2, Llama or Qwen3, such as export.py writes) as a checkpoint's model,
+    configuration and tokenizer. transformers is imported for this path only."""
+    from export import load_hf
+    model, info = load_hf(folder)
+    if info["tokenizer"] is None:
+        raise UserError(f"{folder}: {info['note']}; sample.py needs a tokenizer it can rebuild")
+    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), tokenizer=info["tokenizer"])
 
 
 def read_prompt(spec):

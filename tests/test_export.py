@@ -181,3 +181,15 @@ def test_bad_arguments_say_what_to_give(tmp_path):
         export.main([f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}"])
     with pytest.raises(UserError, match="no config.json"):
         export.main([f"--from_hf={tmp_path}", f"--to_run={tmp_path / 'run'}"])
+
+
+def test_sample_py_reads_an_exported_folder_directly(tmp_path):
+    write_run(tmp_path / "run", **ARCHS["gpt2"])
+    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    args = ["--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=30", "--dtype=float32"]
+    texts = []
+    for folder in ("run", "hf"):
+        out = io.StringIO()
+        sample.main([f"--out_dir={tmp_path / folder}"] + args, out=out)
+        texts.append(out.getvalue())
+    assert texts[0] == texts[1] and len(texts[0]) > len("ROMEO:")

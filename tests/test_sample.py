@@ -279,4 +279,4 @@ def test_each_bad_input_is_one_clear_line(tmp_path, capsys):
 def test_the_script_prints_one_line_and_exits_1(tmp_path):
     result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr == f"error: no checkpoint at {tmp_path}/ckpt.pt: train one with train.py, or point --out_dir (and --ckpt) at a run\n"
+    assert result.stderr == f"error: no checkpoint at {tmp_path}/ckpt.pt: train one with train.py, or point --out_dir (and --ckpt) at a run or an exported Hugging Face folder\n"
