@@ -134,10 +134,27 @@ def text_files(pattern):
     return files
 
 
+def offline_unless_hub_reachable(name):
+    """Without a network, the Hub libraries retry for ~25 s before failing. When huggingface.co cannot be
+    reached directly within 3 s (and no proxy is configured), run them offline: a dataset already in the
+    local cache still loads, any other fails at once. Must run before `datasets` is first imported."""
+    import socket
+    proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if os.path.exists(name) or proxied or "HF_HUB_OFFLINE" in os.environ:
+        return
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        print("huggingface.co cannot be reached: only datasets already in the local cache will load", file=sys.stderr)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def load_rows(cfg, data_format=None, files=None):
     """A streamed `datasets` table (local .jsonl/.parquet files or a Hub dataset) and its first row."""
-    import datasets
     name = cfg.source[3:] if cfg.source.startswith("hf:") else cfg.source
+    if not files:
+        offline_unless_hub_reachable(name)
+    import datasets
     try:
         if files:
             table = datasets.load_dataset(data_format, data_files=files, split="train", streaming=True)

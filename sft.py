@@ -40,7 +40,7 @@ import torch
 import configurator
 from configurator import UserError
 from model import GPTConfig
-from prepare import is_val, markdown_play_to_text, shakespeare_plays
+from prepare import is_val, markdown_play_to_text, offline_unless_hub_reachable, shakespeare_plays
 from sample import marker_ids, render_chat
 from tokenizer import load_tokenizer
 from train import TrainConfig, launch, load_checkpoint, load_init
@@ -161,8 +161,9 @@ def read_source(path, cap, cfg, seed):
     if path == "demo":
         rows = demo_conversations(cap or cfg.demo_conversations, seed)
     elif path.startswith("hf:"):
-        import datasets
         name, _, split = path[3:].partition(":")
+        offline_unless_hub_reachable(name)
+        import datasets
         try:  # streamed: a cap of 50,000 reads 50,000 rows, not the whole dataset
             table = datasets.load_dataset(name, split=split or "train", streaming=True)
         except Exception as e:

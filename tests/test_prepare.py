@@ -252,3 +252,23 @@ def test_a_url_source_is_downloaded_once_and_read_as_a_file(workdir, capsys):
     with pytest.raises(UserError, match="could not download http://127.0.0.1:9/x.txt"):
         prepare.main(["--source=http://127.0.0.1:9/x.txt", "--dataset=nowhere"])
     assert not os.path.exists("data/nowhere/x.txt.tmp")
+
+
+def test_an_unreachable_hub_switches_to_the_local_cache_at_once(workdir, monkeypatch, capsys):
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    for key in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(key, "")  # recorded, so that what the test sets is undone after it
+        monkeypatch.delenv(key)
+    (workdir / "local").mkdir()
+    prepare.offline_unless_hub_reachable("local")  # a local folder needs no network
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    prepare.offline_unless_hub_reachable("bookcorpus")  # a proxy may reach what a direct connection cannot
+    assert "HF_HUB_OFFLINE" not in os.environ
+    monkeypatch.delenv("HTTPS_PROXY")
+    prepare.offline_unless_hub_reachable("bookcorpus")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert "only datasets already in the local cache" in capsys.readouterr().err
