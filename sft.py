@@ -350,9 +350,15 @@ class PackedChats:
         if unencodable:
             say(f"{unencodable:,} conversations skipped: characters the tokenizer does not have")
         self.vocab_size = tokenizer.vocab_size
-        first = next(m for m in conversations[1][0] if m["role"] == "user")
-        self.sample_prompt = (render_chat(tokenizer, template, [first])[0]
-                              + marker_ids(tokenizer, template["assistant"]))
+        # the sample printed at each evaluation answers the first held-out question the tokenizer can encode
+        self.sample_prompt = [tokenizer.eot_id]
+        for message in (m for c in conversations[1] for m in c if m["role"] == "user"):
+            try:
+                self.sample_prompt = (render_chat(tokenizer, template, [message])[0]
+                                      + marker_ids(tokenizer, template["assistant"]))
+                break
+            except UserError:
+                continue
         end = marker_ids(tokenizer, template["end_of_turn"])
         self.sample_stop_tokens = tuple(end) if len(end) == 1 else ()
         self.checkpoint_fields = checkpoint_fields
