@@ -2,7 +2,7 @@
 
     python sft.py                                              # the offline demo: fine-tunes out/ into out-sft/
     python sample.py --out_dir=out-sft --chat                  # then talk to it
-    python sft.py --init_from=out-51m --out_dir=out-51m-sft \\
+    python sft.py --init_from=out-gpt-51m --out_dir=out-gpt-51m-sft \\
         --sources="hf:HuggingFaceH4/ultrachat_200k:train_sft@50000,hf:yahma/alpaca-cleaned*0.5"
     python sft.py --mask_prompt=False                          # the Korean article's first attempt, to compare
 
