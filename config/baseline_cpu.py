@@ -7,16 +7,11 @@
 # (issue 8: 1.886 in about 97 s on the 2-core machine).
 #   python prepare.py config/baseline_cpu.py && python train.py config/baseline_cpu.py
 
-import os
-
 # data (prepare.py): one .txt file, split at its last 10% (val_fraction default 0.1), as nanoGPT's
 # data/shakespeare_char/prepare.py does; character-level vocabulary
 dataset = "tinyshakespeare_char"
-# tinyshakespeare: the copy on this project's (offline) machines when it is there, else Karpathy's
-# original, which prepare.py downloads once into data/tinyshakespeare_char/
-_OFFLINE_COPY = "../shared/data/tinyshakespeare.txt"
-_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-source = _OFFLINE_COPY if os.path.exists(_OFFLINE_COPY) else _URL
+# downloaded once into data/tinyshakespeare_char/input.txt; offline, put a copy there first
+source = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 tokenizer = "char"
 
 out_dir = "out-baseline-cpu"

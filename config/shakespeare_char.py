@@ -4,15 +4,10 @@
 # 10.8M parameters; 5,000 steps x 64 x 256 = 82M tokens; 71 MFLOPs/token, ~5.8e15 FLOPs.
 #   python prepare.py config/shakespeare_char.py && python train.py config/shakespeare_char.py
 
-import os
-
 # data (prepare.py): tinyshakespeare, character-level
 dataset = "tinyshakespeare_char"
-# tinyshakespeare: the copy on this project's (offline) machines when it is there, else Karpathy's
-# original, which prepare.py downloads once into data/tinyshakespeare_char/
-_OFFLINE_COPY = "../shared/data/tinyshakespeare.txt"
-_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-source = _OFFLINE_COPY if os.path.exists(_OFFLINE_COPY) else _URL
+# downloaded once into data/tinyshakespeare_char/input.txt; offline, put a copy there first
+source = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 tokenizer = "char"
 
 # model: GPT-2 style, no biases, as nanoGPT's defaults

@@ -6,15 +6,10 @@
 # table). Each choice below says what it gave in short runs on this machine (same seed, fixed iteration
 # budgets unless noted).
 
-import os
-
 # data: identical to config/baseline_cpu.py (one .txt file, last 10% validation, char vocabulary)
 dataset = "tinyshakespeare_char"
-# tinyshakespeare: the copy on this project's (offline) machines when it is there, else Karpathy's
-# original, which prepare.py downloads once into data/tinyshakespeare_char/
-_OFFLINE_COPY = "../shared/data/tinyshakespeare.txt"
-_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-source = _OFFLINE_COPY if os.path.exists(_OFFLINE_COPY) else _URL
+# downloaded once into data/tinyshakespeare_char/input.txt; offline, put a copy there first
+source = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 tokenizer = "char"
 
 out_dir = "out-speedrun-cpu"
