@@ -77,6 +77,13 @@ def render_chat(tokenizer, template, messages):
     return ids, trained
 
 
+def sampleable_vocab_size(tokenizer, template):
+    """The ids generation may draw: the tokenizer's, and the template's special ids in the embedding's padding
+    rows, which must stay sampleable or a reply could never end."""
+    special = [i for marker in template.values() if isinstance(marker, list) for i in marker]
+    return max([tokenizer.vocab_size] + [i + 1 for i in special])
+
+
 def printable(tokenizer, ids, stop_text=None):
     """The text of `ids` that is safe to print so far, and whether it reached `stop_text` (cut before it).
     A trailing U+FFFD is a character whose bytes are not all generated yet, and a tail that could be the
@@ -105,9 +112,7 @@ class Chat:
         self.prefix = render_chat(tokenizer, template, [dict(role="system", content=system)] if system else [])[0]
         self.turns = []  # ids of each finished exchange: user message, assistant marker, reply, end_of_turn
         self.cache = model.new_kv_cache(1)
-        # special ids in the embedding's padding rows must stay sampleable, or the reply could never end
-        special = [i for marker in template.values() if isinstance(marker, list) for i in marker]
-        self.vocab_size = max([tokenizer.vocab_size] + [i + 1 for i in special])
+        self.vocab_size = sampleable_vocab_size(tokenizer, template)
 
     def respond(self, message, max_new_tokens, temperature=0.8, top_k=0, top_p=1.0, generator=None):
         """Yield the reply's text as it is generated; the exchange joins the conversation once it ends."""

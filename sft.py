@@ -41,7 +41,7 @@ import configurator
 from configurator import UserError
 from model import GPTConfig
 from prepare import is_val, markdown_play_to_text, offline_unless_hub_reachable, shakespeare_plays
-from sample import marker_ids, render_chat
+from sample import marker_ids, render_chat, sampleable_vocab_size
 from tokenizer import load_tokenizer
 from train import TrainConfig, launch, load_checkpoint, load_init
 
@@ -361,6 +361,7 @@ class PackedChats:
                 continue
         end = marker_ids(tokenizer, template["end_of_turn"])
         self.sample_stop_tokens = tuple(end) if len(end) == 1 else ()
+        self.sample_vocab_size = sampleable_vocab_size(tokenizer, template)
         self.checkpoint_fields = checkpoint_fields
         self.val_conversations = conversations[1]
 

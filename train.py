@@ -190,7 +190,8 @@ class TokenData:
         self.meta = load_meta(self.dir)
         self.vocab_size = self.meta["vocab_size"]
         self.bytes_per_val_token = self.meta["val_bytes"] / self.meta["val_tokens"]  # for bits per byte
-        self.sample_prompt, self.sample_stop_tokens = [self.meta["eot_id"]], ()  # samples start a new document
+        # samples start a new document and draw from the tokenizer's ids only, never the padding rows
+        self.sample_prompt, self.sample_stop_tokens, self.sample_vocab_size = [self.meta["eot_id"]], (), self.vocab_size
         self.checkpoint_fields = dict(tokenizer=self.meta["tokenizer"], dataset=dataset)
 
     def positions(self, split, block_size):
@@ -446,11 +447,9 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
         raw_model.eval()
         prompt = torch.tensor([data.sample_prompt], device=device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        # special tokens (sft.py's chat markers) live in the embedding's padding rows, past the tokenizer's vocabulary
-        vocab_size = max([tokenizer.vocab_size] + [i + 1 for i in data.sample_stop_tokens])
         with autocast:
             ids = [t.item() for t in raw_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen,
-                                                     stop_tokens=data.sample_stop_tokens, vocab_size=vocab_size)]
+                                                     stop_tokens=data.sample_stop_tokens, vocab_size=data.sample_vocab_size)]
         raw_model.train()
         prompt, reply = (tokenizer.decode([i for i in part if i < tokenizer.vocab_size]) for part in (data.sample_prompt, ids))
         say("-" * 40 + "\n" + (prompt + "\n" if prompt else "") + reply + "\n" + "-" * 40)
