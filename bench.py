@@ -12,7 +12,7 @@ training: tokens/s and MFU of forward + backward + optimizer step as train.py ru
 gradient clipping, torch.compile when train.py would use it) on one micro-batch of batch_size x block_size
 random tokens per step, after warm-up steps, the median of timed steps, the device synchronised around
 each. The vocabulary is the config's prepared dataset's, or GPT-2's when data/<dataset> is not prepared.
-MFU = model.flops_per_token() x tokens/s / the device's peak (train.peak_flops); a CPU has no peak in the
+MFU = model.flops_per_token() x tokens/s / the device's peak (runtime.peak_flops); a CPU has no peak in the
 table, so MFU is n/a unless --peak_tflops is given. Accumulation (batch_tokens) is left out: it repeats
 the same micro-step.
 
@@ -64,7 +64,8 @@ from configurator import UserError
 from model import GPT, GPTConfig, PRESETS, sample_token
 from sample import SampleConfig
 from tokenizer import CharTokenizer, load_tokenizer
-from train import TrainConfig, build_model_config, make_optimizers, peak_flops, pick_device, pick_dtype
+from runtime import compile_wanted, peak_flops, pick_device, precision
+from train import TrainConfig, build_model_config, make_optimizers
 
 
 @dataclass
@@ -107,12 +108,8 @@ def bench_training(cfg, tcfg, scfg, overrides, device):
     torch.manual_seed(tcfg.seed)
     model = GPT(model_cfg).to(device)
     optimizers = make_optimizers(model, tcfg, device)
-    dtype = pick_dtype(tcfg.dtype, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    compile_on = tcfg.compile.lower() in ("true", "on", "1") or (tcfg.compile == "auto" and device.type == "cuda")
+    dtype, autocast, scaler = precision(tcfg.dtype, device)
+    compile_on = compile_wanted(tcfg.compile, device)
     forward = torch.compile(model) if compile_on else model
     B, T = tcfg.batch_size, model_cfg.block_size
     data = torch.randint(vocab, (B, T + 1), device=device)

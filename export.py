@@ -31,7 +31,7 @@ import configurator
 from configurator import UserError
 from model import GPT, GPTConfig
 from tokenizer import EOT_TEXT, load_tokenizer
-from train import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from runtime import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 
 
 @dataclass

@@ -36,7 +36,7 @@ import configurator
 from configurator import UserError
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
-from train import load_checkpoint, pick_device, pick_dtype
+from runtime import load_checkpoint, pick_device, pick_dtype
 
 
 @dataclass
@@ -162,7 +162,7 @@ class Chat:
 
 
 def decoding_dtype(name, device):
-    """train.pick_dtype's choice, except that "auto" on a CPU with native bf16 instructions is bfloat16:
+    """runtime.pick_dtype's choice, except that "auto" on a CPU with native bf16 instructions is bfloat16:
     half the bytes to read per token (a 6 x 384 model: 21 MB instead of 42, which also fits a 32 MB L3 cache).
     Without those instructions bf16 matmuls are emulated and slower than float32, so float32 stays."""
     if name == "auto" and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():

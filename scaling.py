@@ -60,7 +60,7 @@ class ScalingConfig:
     law: str = "approach1"           # approach1 | chinchilla | epoch | a JSON file from fit --law_out
     sizes: list = field(default_factory=lambda: [row[0] for row in APPROACH1_TABLE])
     # mfu: a config file (or --n_layer, --n_embd, --block_size, and --params for N) and a tokens/s or an assumed MFU
-    gpu: str = ""                    # a name from train.PEAK_TFLOPS (or set --peak_tflops)
+    gpu: str = ""                    # a name from runtime.PEAK_TFLOPS (or set --peak_tflops)
     params: float = 0.0              # N; 0 = count it from the model the config describes
     tok_per_sec: float = 0.0         # measured throughput per GPU -> MFU
     mfu: float = 0.0                 # assumed MFU -> GPU-days for each of `tokens`
@@ -385,10 +385,10 @@ def cmd_table(cfg, _):
 
 
 def gpu_peak_tflops(gpu, override):
-    import train
-    peak = override or (gpu and train.table_peak_tflops(gpu))
+    import runtime
+    peak = override or (gpu and runtime.table_peak_tflops(gpu))
     if not peak:
-        raise UserError(f"unknown GPU {gpu!r}: name one of {', '.join(k for k, _ in train.PEAK_TFLOPS)} or set --peak_tflops")
+        raise UserError(f"unknown GPU {gpu!r}: name one of {', '.join(k for k, _ in runtime.PEAK_TFLOPS)} or set --peak_tflops")
     return peak
 
 

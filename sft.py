@@ -43,7 +43,8 @@ from model import GPTConfig
 from prepare import is_val, markdown_play_to_text, offline_unless_hub_reachable, shakespeare_plays
 from sample import marker_ids, render_chat, sampleable_vocab_size
 from tokenizer import load_tokenizer
-from train import TrainConfig, launch, load_checkpoint, load_init
+from runtime import load_checkpoint, load_init
+from train import TrainConfig, launch
 
 OTHER_MODELS = "ChatGPT,GPT-3,GPT-3.5,GPT-4,GPT-4o,OpenAI,Gemini,Bard,Claude,Anthropic,LLaMA,Meta AI,Mistral,Qwen,DeepSeek"
 

@@ -27,10 +27,9 @@ import configurator
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS
 from prepare import load_meta
+from runtime import (CHECKPOINT_VERSION, compile_wanted, load_checkpoint, load_init, peak_flops, pick_device,
+                     precision, save_checkpoint)
 from tokenizer import load_tokenizer
-
-CHECKPOINT_VERSION = 1
-
 
 @dataclass
 class TrainConfig:
@@ -86,49 +85,8 @@ class TrainConfig:
 # and --key=value set any GPTConfig field (n_layer, n_embd, block_size, mlp, moe_experts, ...).
 DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
 
-# Peak dense bf16 tensor throughput in TFLOP/s from the vendors' data sheets (without sparsity).
-# Matched in order against torch.cuda.get_device_name(), so the more specific names come first.
-PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L40", 181),
-               ("L4", 121), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125)]  # V100: fp16
-
-
-def table_peak_tflops(gpu_name):
-    """The table's peak for a GPU name (case-insensitive), or None when the table does not know it."""
-    return next((tflops for key, tflops in PEAK_TFLOPS if key.lower() in gpu_name.lower()), None)
-
-
-def peak_flops(device, override_tflops):
-    """Peak FLOP/s of one device, or None when unknown (MFU is then not printed, never guessed)."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    tflops = table_peak_tflops(torch.cuda.get_device_name(device))
-    return tflops * 1e12 if tflops else None
-
 
 # ----------------------------------------------------------------------------- setup
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            name = "float32"
-    if name not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
-    return getattr(torch, name)
-
 
 def build_model_config(cfg, overrides, vocab_size):
     if cfg.preset not in PRESETS:
@@ -221,50 +179,12 @@ def to_device(x, y, device):
     return x.to(device), y.to(device)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, checkpoint):
-    """Write atomically: a crash mid-write leaves the previous file intact."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first (python train.py ...), or drop --resume")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is corrupted or incomplete and cannot be loaded ({type(e).__name__}); "
-                        f"best.pt beside it may still be good") from e
-    if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
-        found = checkpoint.get("version") if isinstance(checkpoint, dict) else None
-        raise UserError(f"{path} has checkpoint version {found}, this code reads version {CHECKPOINT_VERSION}")
-    return checkpoint
-
-
 # ----------------------------------------------------------------------------- the run
 
 def main(argv):
     overrides = configurator.parse(argv, TrainConfig, GPTConfig)
     cfg = configurator.build(TrainConfig, overrides)
     launch(cfg, overrides, init=load_init(cfg.init_from) if cfg.init_from and not cfg.resume else None)
-
-
-def load_init(init_from):
-    """The checkpoint to start from: init_from/ckpt.pt for a run directory, else the file itself."""
-    path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
-    if not os.path.isfile(path):
-        raise UserError(f"init_from: no checkpoint at {path}; give a run directory or a .pt file")
-    return load_checkpoint(path)
 
 
 def launch(cfg, overrides, **run_options):
@@ -302,7 +222,7 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
     """Train until a budget, a signal or early stopping ends the run. `data` gives the batches (by default
     TokenData(cfg.dataset)); `init` is a checkpoint whose architecture and weights the model starts from
     (sft.py fine-tunes a pretrained model this way; its optimizer state and step are not taken)."""
-    # imported here, not at the top: it costs half a second, and sample.py imports this module for load_checkpoint
+    # imported here, not at the top: it costs half a second, and sft.py, bench.py and scaling.py import this module
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
@@ -328,12 +248,7 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
         raise UserError(f"batch_tokens={batch_tokens} is not a multiple of batch_size * block_size * processes = {micro_tokens}")
     accum_steps = batch_tokens // micro_tokens
 
-    dtype = pick_dtype(cfg.dtype, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling, bf16 does not
+    dtype, autocast, scaler = precision(cfg.dtype, device)
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
@@ -359,7 +274,7 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
     optimizers = make_optimizers(model, cfg, device)
-    compile_on = cfg.compile.lower() in ("true", "on", "1") or (cfg.compile == "auto" and device.type == "cuda")
+    compile_on = compile_wanted(cfg.compile, device)
     if compile_on:
         model = torch.compile(model)
     if world > 1 and not cfg.fsdp:

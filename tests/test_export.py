@@ -14,8 +14,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import export
+import runtime
 import sample
-import train
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS
 from sample import render_chat
@@ -47,8 +47,8 @@ def write_run(out_dir, spec=CHAR_SPEC, extra=None, **arch):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     os.makedirs(out_dir, exist_ok=True)
-    train.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), dict(
-        version=train.CHECKPOINT_VERSION, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+    runtime.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), dict(
+        version=runtime.CHECKPOINT_VERSION, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
         config={}, tokenizer=spec, dataset="test", state=dict(step=0), rng={}, **(extra or {})))
     return model.eval()
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import prepare
+import runtime
 import sample
 import train
 from configurator import UserError
@@ -50,7 +51,7 @@ def write_run(out_dir, model=None, **extra):
     """A run directory holding a checkpoint with the keys train.py writes."""
     model = model or tiny_model()
     os.makedirs(out_dir, exist_ok=True)
-    checkpoint = dict(version=train.CHECKPOINT_VERSION, model=model.state_dict(),
+    checkpoint = dict(version=runtime.CHECKPOINT_VERSION, model=model.state_dict(),
                       model_config=dataclasses.asdict(model.config), config={}, tokenizer=SPEC, state=dict(step=0))
     torch.save({**checkpoint, **extra}, os.path.join(out_dir, "ckpt.pt"))
     return str(out_dir)

@@ -126,6 +126,7 @@ def test_sweep_micro_grid_end_to_end(tmp_path):
 
 def test_plan_writes_a_config_that_train_py_runs(tmp_path, monkeypatch, capsys):
     import prepare
+    import runtime
     import train
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question\n" * 400)
@@ -139,7 +140,7 @@ def test_plan_writes_a_config_that_train_py_runs(tmp_path, monkeypatch, capsys):
     assert plan["N_opt"] == pytest.approx(G * (plan["flops"] / 6) ** a)
     assert plan["expected_loss"] == pytest.approx(scaling.predicted_loss(law, plan["N"], plan["tokens"]))
     train.main(["plan.py", "--dataset=tiny", "--out_dir=run", "--max_iters=3", "--eval_iters=2", "--sample_tokens=0"])
-    checkpoint = train.load_checkpoint("run/ckpt.pt")
+    checkpoint = runtime.load_checkpoint("run/ckpt.pt")
     assert checkpoint["model_config"]["n_embd"] == plan["shape"]["n_embd"]
     assert checkpoint["config"]["batch_tokens"] == plan["batch_tokens"] and checkpoint["state"]["step"] == 3
 

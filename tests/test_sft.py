@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import prepare
+import runtime
 import sample
 import sft
 import train
@@ -184,7 +185,7 @@ def test_fine_tuning_beats_the_base_model_and_chats_in_the_template(base_run, ca
     evals = [r for r in read_log("out-sft") if "val_loss" in r]
     base, tuned = evals[0]["val_loss"], evals[-1]["val_loss"]  # step 0 evaluates the pretrained weights
     assert tuned < base - 1.0, (base, tuned)
-    checkpoint = train.load_checkpoint("out-sft/ckpt.pt")
+    checkpoint = runtime.load_checkpoint("out-sft/ckpt.pt")
     tokenizer = load_tokenizer(checkpoint["tokenizer"])
     assert checkpoint["chat_template"] == sft.chat_template(tokenizer, 64)
     # sample.py --chat renders with the stored template and the reply ends at end_of_turn
@@ -266,4 +267,4 @@ def test_epochs_set_the_step_budget_from_the_packed_rows(base_run, capsys):
     sft.main(["--init_from=base", "--sources=chat.jsonl", "--identity_rate=0", "--epochs=0.5", "--sample_tokens=0",
               "--eval_interval=1000"])
     rows = int(capsys.readouterr().out.split(" conversations -> ")[1].split("packed into ")[1].split(" rows")[0].replace(",", ""))
-    assert train.load_checkpoint("out-sft/ckpt.pt")["state"]["step"] == math.ceil(0.5 * rows / 16)  # 16 rows a step
+    assert runtime.load_checkpoint("out-sft/ckpt.pt")["state"]["step"] == math.ceil(0.5 * rows / 16)  # 16 rows a step

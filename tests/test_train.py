@@ -14,6 +14,7 @@ import torch
 
 import model as model_module
 import prepare
+import runtime
 import train
 from configurator import UserError
 
@@ -61,7 +62,7 @@ def test_loss_falls_and_the_run_directory_follows_the_contract(tiny_data):
     assert last["tokens"] == 80 * 8 * 32
     for name in ("ckpt.pt", "best.pt", "config.json"):
         assert os.path.isfile(os.path.join("run", name))
-    checkpoint = train.load_checkpoint("run/ckpt.pt")
+    checkpoint = runtime.load_checkpoint("run/ckpt.pt")
     assert checkpoint["state"]["step"] == 80 and checkpoint["config"]["max_iters"] == 80
     assert checkpoint["tokenizer"] == meta["tokenizer"]
 
@@ -92,7 +93,7 @@ def test_resume_reproduces_the_uninterrupted_losses_bitwise(tiny_data, monkeypat
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "weights": torch.ones(3)})
+    runtime.save_checkpoint(path, {"version": runtime.CHECKPOINT_VERSION, "weights": torch.ones(3)})
 
     def crash_mid_write(obj, f):
         f.write(b"half a checkpoint")
@@ -100,8 +101,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "save", crash_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"version": train.CHECKPOINT_VERSION, "weights": torch.zeros(3)})
-    assert torch.equal(train.load_checkpoint(path)["weights"], torch.ones(3))
+        runtime.save_checkpoint(path, {"version": runtime.CHECKPOINT_VERSION, "weights": torch.zeros(3)})
+    assert torch.equal(runtime.load_checkpoint(path)["weights"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
@@ -136,16 +137,16 @@ def test_a_nan_loss_is_skipped_and_never_saved(tiny_data, monkeypatch):
     train.main(TINY + ["--out_dir=run", "--max_iters=12", "--eval_interval=6", "--log_interval=1"])
     skipped = [r["step"] for r in read_log("run") if r.get("skipped")]
     assert skipped == [6, 7]
-    weights = train.load_checkpoint("run/ckpt.pt")["model"]
+    weights = runtime.load_checkpoint("run/ckpt.pt")["model"]
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert train.load_checkpoint("run/ckpt.pt")["state"]["tokens"] == 10 * 8 * 32  # skipped steps trained nothing
+    assert runtime.load_checkpoint("run/ckpt.pt")["state"]["tokens"] == 10 * 8 * 32  # skipped steps trained nothing
 
 
 def test_nan_losses_in_a_row_roll_back_with_a_lower_learning_rate(tiny_data, monkeypatch, capsys):
     poison_forward(monkeypatch, bad_calls={9, 10, 11})
     train.main(TINY + ["--out_dir=run", "--max_iters=14", "--eval_interval=4", "--nan_patience=3"])
     assert "rolled back to step 8" in capsys.readouterr().out
-    state = train.load_checkpoint("run/ckpt.pt")["state"]
+    state = runtime.load_checkpoint("run/ckpt.pt")["state"]
     assert state["rollbacks"] == 1 and state["lr_scale"] == 0.5 and state["step"] == 14
 
 
@@ -201,7 +202,7 @@ def test_two_processes_under_torchrun_match_one_process(tiny_data, sharding):
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     assert "2 processes x 1 accumulation" in two.stdout and "1 processes x 2 accumulation" in one.stdout
-    a, b = train.load_checkpoint("one/ckpt.pt")["model"], train.load_checkpoint("two/ckpt.pt")["model"]
+    a, b = runtime.load_checkpoint("one/ckpt.pt")["model"], runtime.load_checkpoint("two/ckpt.pt")["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
     la, lb = train_losses("one"), train_losses("two")
@@ -215,7 +216,7 @@ def test_two_processes_under_torchrun_match_one_process(tiny_data, sharding):
     second = run_script(*torchrun, "--resume")
     assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
     assert train_losses("resumed")[6] == lb[6]
-    resumed = train.load_checkpoint("resumed/ckpt.pt")["model"]
+    resumed = runtime.load_checkpoint("resumed/ckpt.pt")["model"]
     assert all(torch.equal(resumed[name], b[name]) for name in b)
 
 
@@ -225,6 +226,6 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimizer(tiny_
     first, second = read_log("first"), read_log("second")
     # step 0 of the second run evaluates exactly the weights the first one ended with
     assert second[0]["step"] == 0 and second[0]["val_loss"] == first[-1]["val_loss"]
-    assert train.load_checkpoint("second/ckpt.pt")["state"]["step"] == 4
+    assert runtime.load_checkpoint("second/ckpt.pt")["state"]["step"] == 4
     with pytest.raises(UserError, match="init_from: no checkpoint at nowhere"):
         train.main(TINY + ["--out_dir=third", "--init_from=nowhere"])

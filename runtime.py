@@ -1,0 +1,111 @@
+"""What every script that runs a model shares: the device, the precision, the GPU's peak for MFU, and
+checkpoints written atomically and read back with one clear error. train.py, sft.py, sample.py,
+export.py, bench.py and scaling.py import it; it imports only torch.
+"""
+
+import contextlib
+import os
+
+import torch
+
+from configurator import UserError
+
+CHECKPOINT_VERSION = 1
+
+# Peak dense bf16 tensor throughput in TFLOP/s from the vendors' data sheets (without sparsity).
+# Matched in order against torch.cuda.get_device_name(), so the more specific names come first.
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("L40S", 362), ("L40", 181),
+               ("L4", 121), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125)]  # V100: fp16
+
+
+def table_peak_tflops(gpu_name):
+    """The table's peak for a GPU name (case-insensitive), or None when the table does not know it."""
+    return next((tflops for key, tflops in PEAK_TFLOPS if key.lower() in gpu_name.lower()), None)
+
+
+def peak_flops(device, override_tflops):
+    """Peak FLOP/s of one device, or None when unknown (MFU is then not printed, never guessed)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    tflops = table_peak_tflops(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            name = "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return getattr(torch, name)
+
+
+def precision(name, device):
+    """The dtype, the autocast context the forward pass runs under, and the gradient scaler: bf16 autocast
+    and TF32 on GPUs that have them, fp16 with loss scaling on older GPUs, plain fp32 on the CPU."""
+    dtype = pick_dtype(name, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling, bf16 does not
+    return dtype, autocast, scaler
+
+
+def compile_wanted(setting, device):
+    """--compile: true/on/1, or "auto", which compiles on CUDA only (on the CPU it did not pay: see README)."""
+    return setting.lower() in ("true", "on", "1") or (setting == "auto" and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, checkpoint):
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py ...), or drop --resume")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is corrupted or incomplete and cannot be loaded ({type(e).__name__}); "
+                        f"best.pt beside it may still be good") from e
+    if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
+        found = checkpoint.get("version") if isinstance(checkpoint, dict) else None
+        raise UserError(f"{path} has checkpoint version {found}, this code reads version {CHECKPOINT_VERSION}")
+    return checkpoint
+
+
+def load_init(init_from):
+    """The checkpoint to start from: init_from/ckpt.pt for a run directory, else the file itself."""
+    path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
+    if not os.path.isfile(path):
+        raise UserError(f"init_from: no checkpoint at {path}; give a run directory or a .pt file")
+    return load_checkpoint(path)
