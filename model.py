@@ -72,6 +72,9 @@ class GPTConfig:
             raise ValueError(f"rope needs an even head dimension, got n_embd / n_head = {self.head_dim}")
         if self.moe_experts and self.moe_top_k > self.moe_experts:
             raise ValueError(f"moe_top_k ({self.moe_top_k}) must be at most moe_experts ({self.moe_experts})")
+        if self.moe_experts and (self.n_embd % 8 or self.expert_width % 8):
+            raise ValueError(f"MoE layers need n_embd ({self.n_embd}) and the expert width ({self.expert_width}) to be "
+                             "multiples of 8: the grouped matrix products read rows of whole 16-byte units")
         if self.moe_experts and self.moe_first_dense >= self.n_layer:
             raise ValueError(f"moe_first_dense ({self.moe_first_dense}) leaves no MoE layer among n_layer ({self.n_layer})")
 
@@ -199,14 +202,28 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x):
-        h = self.c_fc(x)
-        if self.kind == "gelu":
-            h = F.gelu(h)
-        elif self.kind == "relu2":  # Primer (So et al. 2021): squared ReLU beats GELU at the same cost
-            h = F.relu(h).square()
-        else:  # SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer")
-            h = F.silu(self.c_gate(x)) * h
-        return self.c_proj(h)
+        return self.c_proj(activation(self.kind, self.c_fc(x), self.c_gate(x) if self.kind == "swiglu" else None))
+
+
+def activation(kind, h, gate=None):
+    """The MLP's nonlinearity on the up-projection h (and, for SwiGLU, the gate projection)."""
+    if kind == "gelu":
+        return F.gelu(h)
+    if kind == "relu2":  # Primer (So et al. 2021): squared ReLU beats GELU at the same cost
+        return F.relu(h).square()
+    return F.silu(gate) * h  # SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer")
+
+
+def grouped_linear(x, linears, ends, expert_of_row):
+    """Rows ends[e-1]:ends[e] of x through linears[e], for every expert e, as one grouped matrix product
+    (F.grouped_mm): no loop over experts and no host sync, so torch.compile sees one static graph. The
+    experts' weights are stacked on every call, which costs about what autocast's cast of them costs."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    weight = torch.stack([linear.weight for linear in linears]).to(dtype)  # (experts, out, in)
+    y = F.grouped_mm(x.to(dtype), weight.transpose(1, 2), offs=ends)
+    if linears[0].bias is not None:
+        y = y + torch.stack([linear.bias for linear in linears]).to(dtype)[expert_of_row]
+    return y
 
 
 class MoE(nn.Module):
@@ -216,7 +233,7 @@ class MoE(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.top_k = config.moe_top_k
+        self.top_k, self.kind = config.moe_top_k, config.mlp
         self.router = nn.Linear(config.n_embd, config.moe_experts, bias=False)
         self.experts = nn.ModuleList(MLP(config, config.expert_width) for _ in range(config.moe_experts))
         # n shared experts are one MLP n times as wide: their outputs add up over disjoint hidden units
@@ -235,14 +252,16 @@ class MoE(nn.Module):
         chosen = torch.topk(affinity + self.expert_bias, self.top_k, dim=-1).indices      # (N, top_k)
         gates = affinity.gather(-1, chosen)
         gates = gates / gates.sum(-1, keepdim=True)
-        # dispatch: sort the (token, expert) pairs by expert so that each expert runs once on a contiguous slice
+        # dispatch: sort the (token, expert) pairs by expert, so that each expert's rows are one contiguous slice
         flat_choice = chosen.view(-1)
         order = flat_choice.argsort(stable=True)
-        counts = torch.bincount(flat_choice, minlength=len(self.experts))
+        counts = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).index_add_(
+            0, flat_choice, torch.ones_like(flat_choice))  # bincount's length depends on the data; this one's does not
         self.expert_load.copy_(counts)
-        slices = x[order // self.top_k].split(counts.tolist())
-        # every expert runs, even on an empty slice, so each one is part of the graph (DDP expects that)
-        out_sorted = torch.cat([expert(s) for expert, s in zip(self.experts, slices)])
+        rows, expert_of_row, ends = x[order // self.top_k], flat_choice[order], counts.cumsum(0).to(torch.int32)
+        up = grouped_linear(rows, [e.c_fc for e in self.experts], ends, expert_of_row)
+        gate = grouped_linear(rows, [e.c_gate for e in self.experts], ends, expert_of_row) if self.kind == "swiglu" else None
+        out_sorted = grouped_linear(activation(self.kind, up, gate), [e.c_proj for e in self.experts], ends, expert_of_row)
         out = torch.empty_like(out_sorted)
         out[order] = out_sorted  # back to (token, choice) order: summing over a token's choices is deterministic
         y = (out.view(-1, self.top_k, C) * gates.to(out.dtype).unsqueeze(-1)).sum(1)

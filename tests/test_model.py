@@ -52,6 +52,7 @@ def test_defaults_are_the_classic_preset_and_presets_hold_architecture_only():
     (dict(pos_emb="rope", n_embd=12, n_head=4), "even head dimension"),
     (dict(moe_experts=4, moe_top_k=5), "moe_top_k \\(5\\) must be at most moe_experts"),
     (dict(moe_experts=4, moe_first_dense=2), "leaves no MoE layer"),
+    (dict(moe_experts=4, moe_expert_hidden=12), "multiples of 8"),
     (dict(dropout=1.0), "dropout"),
     (dict(moe_every=0), "moe_every must be at least 1"),
 ])
