@@ -64,6 +64,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20               # fixed validation batches, the same at every evaluation and in every run
     early_stop_patience: int = 0       # stop after this many evaluations without a new best; 0 = off
+    target_loss: float = 0.0           # stop once the validation loss is at or below this (a speedrun's finish line); 0 = off
     sample_tokens: int = 200           # a sample printed at each evaluation; 0 = off
     log_interval: int = 10
     wandb_project: str = ""            # set to log to Weights & Biases as well
@@ -411,6 +412,8 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
             reason = "budget reached"
         elif cfg.max_seconds and elapsed >= cfg.max_seconds:
             reason = f"time budget of {cfg.max_seconds:g}s reached"
+        elif cfg.target_loss and state["best_val_loss"] <= cfg.target_loss:
+            reason = f"validation loss reached the target {cfg.target_loss:g}"
         elif cfg.early_stop_patience and state["evals_since_best"] >= cfg.early_stop_patience:
             reason = f"validation loss has not improved for {cfg.early_stop_patience} evaluations; best.pt holds the best model"
         if reason:

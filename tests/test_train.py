@@ -166,6 +166,17 @@ def test_flop_budget_stops_within_one_step(tiny_data):
     assert budget - flops_per_step < spent <= budget
 
 
+def test_target_loss_stops_at_the_first_evaluation_that_reaches_it(tiny_data, capsys):
+    train.main(TINY + ["--out_dir=full", "--max_iters=60", "--eval_interval=10"])
+    evals = [r for r in read_log("full") if "val_loss" in r]
+    target = evals[3]["val_loss"] + 1e-6  # just above step 30's loss, below every earlier one
+    assert all(r["val_loss"] > target for r in evals[:3])
+    train.main(TINY + ["--out_dir=speedrun", "--max_iters=60", "--eval_interval=10", f"--target_loss={target}"])
+    assert [r["val_loss"] for r in read_log("speedrun") if "val_loss" in r] == [r["val_loss"] for r in evals[:4]]
+    assert runtime.load_checkpoint("speedrun/ckpt.pt")["state"]["step"] == 30
+    assert f"validation loss reached the target {target:g} at step 30" in capsys.readouterr().out
+
+
 def test_learning_rate_schedules():
     cfg = train.TrainConfig(warmup_iters=10, min_lr_ratio=0.1, lr_schedule="cosine")
     assert train.learning_rate_scale(0, 0.0, cfg) == pytest.approx(0.1)
