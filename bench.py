@@ -32,9 +32,13 @@ repeated or cut to prepare_mb megabytes, in a temporary directory; and of the to
 over the same text in 1 MB pieces in one process. prepare_tokenizers takes prepare.py's --tokenizer
 values: char, sp, gpt2 (tiktoken's download; n/a offline) or a local .tiktoken ranks file.
 
-speedrun (only with --only=speedrun): `python train.py <config>` for each of `speedrun`'s configs, the
-baseline first, one after the other: the wall clock of the whole command and the final validation loss.
-Issue #8's CPU speedrun is the default pair; on a GPU, give the GPU recipe and its contender.
+speedrun (only with --only=speedrun): `python train.py <command>` for each of `speedrun`'s comma-separated
+commands (a config file, then any --key=value overrides), the baseline first, one after the other: the wall
+clock of the whole command, the final and the best validation loss, and with speedrun_target, when each run
+first reached it (train.py's own clock, which starts after start-up and data loading but includes
+compilation). speedrun_limit stops a command after that many seconds and reports how far it got. Issue #8's
+CPU speedrun is the default pair; the GPU one is --speedrun=config/shakespeare_char.py,config/speedrun_gpu.py
+--speedrun_target=1.47.
 """
 
 import contextlib
@@ -78,7 +82,10 @@ class BenchConfig:
     timed_steps: int = 10           # training: the median step time of these
     prepare_mb: float = 5.0         # prepare: megabytes of text
     prepare_tokenizers: str = "char,gpt2"  # prepare: prepare.py --tokenizer values, comma-separated
-    speedrun: str = "config/baseline_cpu.py,config/speedrun_cpu.py"  # speedrun: the baseline, then the contender(s)
+    speedrun: str = "config/baseline_cpu.py,config/speedrun_cpu.py"  # speedrun: the baseline, then the contender(s), each
+                                                                     # a config file and optional --key=value overrides
+    speedrun_target: float = 0.0    # speedrun: also report when each run's validation loss first reached this
+    speedrun_limit: float = 0.0     # speedrun: stop a command after this many seconds; 0 = no limit
 
 
 GENERATION_MODEL = dict(PRESETS["classic"], bias=False, n_layer=6, n_head=6, n_embd=384, block_size=1024, vocab_size=65)
@@ -245,27 +252,48 @@ def bench_prepare(cfg, tcfg, scfg, overrides, device):
 
 
 def bench_speedrun(cfg, tcfg, scfg, overrides, device):
-    """Whole `python train.py <config>` commands, one after the other, as a user runs them: wall clock with
-    start-up, compilation and evaluation, and the last validation loss in the run's log.jsonl. The data
-    must be prepared first (python prepare.py <config>)."""
+    """Whole `python train.py <command>` runs, one after the other, as a user runs them: wall clock with
+    start-up, compilation and evaluation, and the validation losses in the run's log.jsonl. The data must be
+    prepared first (python prepare.py <config>)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if USER_OMP_WAIT_POLICY is not None:
         env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
     runs = []
     print("speedrun: whole train.py commands, one after the other")
-    for config in cfg.speedrun.split(","):
-        out_dir = configurator.read_config_file(config).get("out_dir", TrainConfig.out_dir)
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, os.path.join(configurator.ROOT, "train.py"), config],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for command in cfg.speedrun.split(","):
+        args = command.split()
+        out_dir = configurator.build(TrainConfig, configurator.parse(args, TrainConfig, GPTConfig)).out_dir
+        start, started_at, stopped = time.perf_counter(), time.time(), False
+        try:
+            done = subprocess.run([sys.executable, os.path.join(configurator.ROOT, "train.py"), *args], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  timeout=cfg.speedrun_limit or None)
+            if done.returncode:
+                raise UserError(f"python train.py {command} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        except subprocess.TimeoutExpired:
+            stopped = True
         seconds = time.perf_counter() - start
-        if done.returncode:
-            raise UserError(f"python train.py {config} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        with open(os.path.join(out_dir, "log.jsonl")) as f:
-            last = [record for record in map(json.loads, f) if "val_loss" in record][-1]
-        runs.append(dict(config=config, seconds=seconds, val_loss=last["val_loss"], steps=last["step"]))
-        share = f" ({100 * seconds / runs[0]['seconds']:.0f}% of the baseline)" if len(runs) > 1 else " (baseline)"
-        print(f"  {config:32s} {seconds:7.1f} s  val loss {last['val_loss']:.4f} after {last['step']:,} steps{share}")
+        log_path, evals = os.path.join(out_dir, "log.jsonl"), []
+        if os.path.exists(log_path) and os.path.getmtime(log_path) >= started_at:  # not an earlier run's log
+            with open(log_path) as f:
+                # a command stopped at the limit may have left its last line half-written
+                evals = [record for record in map(json.loads, filter(lambda line: line.endswith("\n"), f)) if "val_loss" in record]
+        if not evals:
+            print(f"  {command}\n    {seconds:7.1f} s: stopped at the limit before its first evaluation")
+            runs.append(dict(command=command, seconds=seconds, stopped_at_limit=stopped))
+            continue
+        best = min(evals, key=lambda record: record["val_loss"])
+        reached = next((r for r in evals if cfg.speedrun_target and r["val_loss"] <= cfg.speedrun_target), None)
+        runs.append(dict(command=command, seconds=seconds, stopped_at_limit=stopped, val_loss=evals[-1]["val_loss"],
+                         steps=evals[-1]["step"], best_val_loss=best["val_loss"], best_step=best["step"],
+                         best_elapsed=best["elapsed"], target_elapsed=reached["elapsed"] if reached else None))
+        share = f"{100 * seconds / runs[0]['seconds']:.0f}% of the baseline" if len(runs) > 1 else "baseline"
+        print(f"  {command}\n    {seconds:7.1f} s{' (stopped at the limit)' if stopped else ''} ({share}): val loss "
+              f"{evals[-1]['val_loss']:.4f} at step {evals[-1]['step']:,}, best {best['val_loss']:.4f} at step "
+              f"{best['step']:,} ({best['elapsed']:.1f} s into training)")
+        if cfg.speedrun_target:
+            print(f"    reached {cfg.speedrun_target:g} at step {reached['step']:,}, {reached['elapsed']:.1f} s into training"
+                  if reached else f"    did not reach {cfg.speedrun_target:g}")
     return dict(runs=runs)
 
 

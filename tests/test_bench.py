@@ -59,8 +59,31 @@ def test_speedrun_times_whole_train_commands_and_reads_their_final_loss(tmp_path
     (tmp_path / "fast.py").write_text(common + 'out_dir = "out-fast"\nmax_iters = 10\neval_interval = 10\n')
     import prepare
     prepare.main(["slow.py"])
-    results = bench.main(["--only=speedrun", "--speedrun=slow.py,fast.py"])
-    slow, fast = results["speedrun"]["runs"]
-    assert (slow["config"], slow["steps"], fast["config"], fast["steps"]) == ("slow.py", 20, "fast.py", 10)
+    results = bench.main(["--only=speedrun", "--speedrun=slow.py,fast.py,fast.py --max_iters=5 --out_dir=out-5",
+                          "--speedrun_target=3.0"])
+    slow, fast, faster = results["speedrun"]["runs"]
+    assert [(run["command"], run["steps"]) for run in (slow, fast, faster)] == [
+        ("slow.py", 20), ("fast.py", 10), ("fast.py --max_iters=5 --out_dir=out-5", 5)]
+    assert (tmp_path / "out-fast" / "log.jsonl").exists() and (tmp_path / "out-5" / "log.jsonl").exists()
     assert slow["seconds"] > 0 and fast["seconds"] > 0 and slow["val_loss"] < 5
-    assert "% of the baseline" in capsys.readouterr().out
+    evals = [json.loads(line) for line in open(tmp_path / "out-slow" / "log.jsonl") if "val_loss" in line]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert (slow["best_val_loss"], slow["best_step"], slow["best_elapsed"]) == (best["val_loss"], best["step"], best["elapsed"])
+    first_below = next((r["elapsed"] for r in evals if r["val_loss"] <= 3.0), None)
+    assert slow["target_elapsed"] == first_below and not slow["stopped_at_limit"]
+    out = capsys.readouterr().out
+    assert "% of the baseline" in out and ("reached 3 at step" in out or "did not reach 3" in out)
+
+
+def test_speedrun_limit_stops_a_command_and_reports_how_far_it_got(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question.\n" * 400)
+    (tmp_path / "endless.py").write_text('dataset = "tiny"\nsource = "corpus.txt"\ntokenizer = "char"\nn_layer = 1\n'
+                                         'n_head = 2\nn_embd = 32\nblock_size = 32\nbatch_size = 4\neval_iters = 2\n'
+                                         'sample_tokens = 0\nmax_iters = 10_000_000\neval_interval = 5\n')
+    import prepare
+    prepare.main(["endless.py"])
+    run, = bench.main(["--only=speedrun", "--speedrun=endless.py", "--speedrun_limit=8"])["speedrun"]["runs"]
+    assert run["stopped_at_limit"] and 8 <= run["seconds"] < 20
+    assert 0 <= run["steps"] < 10_000_000 and run["best_val_loss"] <= run["val_loss"] + 1e-9
+    assert "stopped at the limit" in capsys.readouterr().out
