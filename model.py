@@ -214,13 +214,23 @@ def activation(kind, h, gate=None):
     return F.silu(gate) * h  # SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer")
 
 
+def grouped_product(x, weight, ends):
+    return F.grouped_mm(x, weight, offs=ends)
+
+
+# torch.compile accepts grouped products in bf16 only; torch itself runs other dtypes (one product per group),
+# so in fp32 and fp16 the product runs outside the compiled graph
+eager_grouped_product = torch.compiler.disable(grouped_product)
+
+
 def grouped_linear(x, linears, ends, expert_of_row):
-    """Rows ends[e-1]:ends[e] of x through linears[e], for every expert e, as one grouped matrix product
-    (F.grouped_mm): no loop over experts and no host sync, so torch.compile sees one static graph. The
-    experts' weights are stacked on every call, which costs about what autocast's cast of them costs."""
+    """Rows ends[e-1]:ends[e] of x through linears[e], for every expert e, as one grouped matrix product:
+    no loop over experts and no host sync. The experts' weights are stacked on every call, which costs about
+    what autocast's cast of them costs."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     weight = torch.stack([linear.weight for linear in linears]).to(dtype)  # (experts, out, in)
-    y = F.grouped_mm(x.to(dtype), weight.transpose(1, 2), offs=ends)
+    product = grouped_product if dtype == torch.bfloat16 else eager_grouped_product
+    y = product(x.to(dtype), weight.transpose(1, 2), ends)
     if linears[0].bias is not None:
         y = y + torch.stack([linear.bias for linear in linears]).to(dtype)[expert_of_row]
     return y
@@ -258,10 +268,11 @@ class MoE(nn.Module):
         counts = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).index_add_(
             0, flat_choice, torch.ones_like(flat_choice))  # bincount's length depends on the data; this one's does not
         self.expert_load.copy_(counts)
-        rows, expert_of_row, ends = x[order // self.top_k], flat_choice[order], counts.cumsum(0).to(torch.int32)
-        up = grouped_linear(rows, [e.c_fc for e in self.experts], ends, expert_of_row)
-        gate = grouped_linear(rows, [e.c_gate for e in self.experts], ends, expert_of_row) if self.kind == "swiglu" else None
-        out_sorted = grouped_linear(activation(self.kind, up, gate), [e.c_proj for e in self.experts], ends, expert_of_row)
+        groups = (counts.cumsum(0).to(torch.int32), flat_choice[order])  # where each expert's rows end, each row's expert
+        rows = x[order // self.top_k]
+        up = grouped_linear(rows, [e.c_fc for e in self.experts], *groups)
+        gate = grouped_linear(rows, [e.c_gate for e in self.experts], *groups) if self.kind == "swiglu" else None
+        out_sorted = grouped_linear(activation(self.kind, up, gate), [e.c_proj for e in self.experts], *groups)
         out = torch.empty_like(out_sorted)
         out[order] = out_sorted  # back to (token, choice) order: summing over a token's choices is deterministic
         y = (out.view(-1, self.top_k, C) * gates.to(out.dtype).unsqueeze(-1)).sum(1)

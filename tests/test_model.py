@@ -264,6 +264,33 @@ def test_moe_with_one_expert_top1_and_no_shared_expert_equals_a_dense_mlp():
     torch.testing.assert_close(moe(x), dense(x))
 
 
+@pytest.mark.parametrize("preset, mlp", [("classic", "gelu"), ("modern", "swiglu")])
+def test_moe_in_bf16_runs_the_same_experts_as_in_fp32(preset, mlp):
+    """bf16 takes the grouped-product path, other dtypes run it outside torch.compile: the same function."""
+    torch.manual_seed(0)
+    moe = MoE(tiny_config(preset, mlp=mlp, moe_experts=8, moe_top_k=2, moe_expert_hidden=16))
+    x = torch.randn(2, 16, 32)
+    with torch.autocast("cpu", torch.bfloat16):
+        y_bf16 = moe(x)
+    assert y_bf16.dtype == torch.bfloat16
+    y = moe(x)
+    assert ((y_bf16.float() - y).norm() / y.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("dtype, fullgraph", [(torch.float32, False), (torch.bfloat16, True)])
+def test_moe_model_compiles_and_matches_eager(dtype, fullgraph):
+    """bf16 compiles to one graph (no host sync, no loop over experts); fp32 leaves the expert products to eager."""
+    torch._dynamo.reset()
+    model = tiny_model("modern", **MOE).train()
+    x, y = torch.randint(64, (2, 32)), torch.randint(64, (2, 32))
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        _, eager = model(x, y)
+        _, compiled = torch.compile(model, fullgraph=fullgraph)(x, y)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=0)
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_moe_output_is_the_gate_weighted_sum_of_the_chosen_experts():
     torch.manual_seed(0)
     moe = MoE(tiny_config("classic", moe_experts=8, moe_top_k=3, moe_shared_experts=2, moe_expert_hidden=16))
