@@ -214,23 +214,18 @@ def activation(kind, h, gate=None):
     return F.silu(gate) * h  # SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer")
 
 
-def grouped_product(x, weight, ends):
-    return F.grouped_mm(x, weight, offs=ends)
-
-
-# torch.compile accepts grouped products in bf16 only; torch itself runs other dtypes (one product per group),
-# so in fp32 and fp16 the product runs outside the compiled graph
-eager_grouped_product = torch.compiler.disable(grouped_product)
+# torch.compile accepts grouped products in bf16 only; for other dtypes torch falls back to one product per
+# expert (with a host sync), which then runs outside the compiled graph
+eager_grouped_mm = torch.compiler.disable(F.grouped_mm)
 
 
 def grouped_linear(x, linears, ends, expert_of_row):
-    """Rows ends[e-1]:ends[e] of x through linears[e], for every expert e, as one grouped matrix product:
-    no loop over experts and no host sync. The experts' weights are stacked on every call, which costs about
-    what autocast's cast of them costs."""
+    """Rows ends[e-1]:ends[e] of x through linears[e], for every expert e, as one grouped matrix product (in
+    bf16: no loop over experts, no host sync). The experts' weights are stacked on every call, which costs
+    about what autocast's cast of them costs."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    weight = torch.stack([linear.weight for linear in linears]).to(dtype)  # (experts, out, in)
-    product = grouped_product if dtype == torch.bfloat16 else eager_grouped_product
-    y = product(x.to(dtype), weight.transpose(1, 2), ends)
+    weight = torch.stack([linear.weight for linear in linears]).to(dtype).transpose(1, 2)  # (experts, in, out)
+    y = (F.grouped_mm if dtype == torch.bfloat16 else eager_grouped_mm)(x.to(dtype), weight, offs=ends)
     if linears[0].bias is not None:
         y = y + torch.stack([linear.bias for linear in linears]).to(dtype)[expert_of_row]
     return y
@@ -265,8 +260,8 @@ class MoE(nn.Module):
         # dispatch: sort the (token, expert) pairs by expert, so that each expert's rows are one contiguous slice
         flat_choice = chosen.view(-1)
         order = flat_choice.argsort(stable=True)
-        counts = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).index_add_(
-            0, flat_choice, torch.ones_like(flat_choice))  # bincount's length depends on the data; this one's does not
+        # not bincount: its output's length depends on the data, which costs a host sync on a GPU
+        counts = torch.zeros_like(self.expert_load).index_add_(0, flat_choice, torch.ones_like(flat_choice))
         self.expert_load.copy_(counts)
         groups = (counts.cumsum(0).to(torch.int32), flat_choice[order])  # where each expert's rows end, each row's expert
         rows = x[order // self.top_k]
