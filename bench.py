@@ -275,9 +275,8 @@ def bench_speedrun(cfg, tcfg, scfg, overrides, device):
         seconds = time.perf_counter() - start
         log_path, evals = os.path.join(out_dir, "log.jsonl"), []
         if os.path.exists(log_path) and os.path.getmtime(log_path) >= started_at:  # not an earlier run's log
-            with open(log_path) as f:
-                # a command stopped at the limit may have left its last line half-written
-                evals = [record for record in map(json.loads, filter(lambda line: line.endswith("\n"), f)) if "val_loss" in record]
+            with open(log_path) as f:  # a command stopped at the limit may have left its last line half-written
+                evals = [r for r in (json.loads(line) for line in f if line.endswith("\n")) if "val_loss" in r]
         if not evals:
             print(f"  {command}\n    {seconds:7.1f} s: stopped at the limit before its first evaluation")
             runs.append(dict(command=command, seconds=seconds, stopped_at_limit=stopped))
