@@ -142,6 +142,16 @@ def test_ignored_targets_do_not_count_in_the_loss():
     torch.testing.assert_close(loss, F.cross_entropy(logits[kept], targets[kept]))
 
 
+def test_under_bf16_autocast_the_loss_is_taken_in_float32_and_the_logits_come_back_in_bf16():
+    model = tiny_model()
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    # the float32 cross-entropy of exactly the bf16 logits returned, not of a bf16 softmax
+    torch.testing.assert_close(loss, F.cross_entropy(logits.float().view(-1, 64), targets.view(-1)), rtol=0, atol=1e-6)
+
+
 def test_a_tiny_model_overfits_a_fixed_batch():
     model = tiny_model("modern", block_size=32).train()
     idx, targets = torch.randint(0, 64, (4, 32)), torch.randint(0, 64, (4, 32))
