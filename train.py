@@ -291,7 +291,7 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
         model_state, optim_state = get_state_dict(raw_model, optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return dict(version=CHECKPOINT_VERSION, model=model_state, optimizers=optim_state,
                     model_config=dataclasses.asdict(model_cfg), config=dataclasses.asdict(cfg),
-                    **data.checkpoint_fields, state=dict(state),
+                    **data.checkpoint_fields, state=dict(state), scaler=scaler.state_dict(),
                     rng=dict(torch=torch.get_rng_state(), sampler=sampler.get_state(),
                              cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []))
 
@@ -300,6 +300,8 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
         set_state_dict(raw_model, optimizers, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizers"],
                        options=StateDictOptions(full_state_dict=True))
         state.update(checkpoint["state"])
+        if scaler.is_enabled() and checkpoint.get("scaler"):  # fp16's loss scale: empty when saved without fp16
+            scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         sampler.set_state(checkpoint["rng"]["sampler"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:

@@ -67,9 +67,20 @@ def test_loss_falls_and_the_run_directory_follows_the_contract(tiny_data):
     assert checkpoint["tokenizer"] == meta["tokenizer"]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_reproduces_the_uninterrupted_losses_bitwise(tiny_data, monkeypatch, optimizer):
-    args = TINY + ["--max_iters=24", "--eval_interval=8", "--log_interval=1", "--dropout=0.1", f"--optimizer={optimizer}"]
+@pytest.mark.parametrize("optimizer, dtype", [("adamw", "float32"), ("muon", "float32"), ("adamw", "float16")])
+def test_resume_reproduces_the_uninterrupted_losses_bitwise(tiny_data, monkeypatch, optimizer, dtype):
+    args = TINY + ["--max_iters=24", "--eval_interval=8", "--log_interval=1", "--dropout=0.1", f"--optimizer={optimizer}",
+                   f"--dtype={dtype}"]
+    real_precision = train.precision
+
+    def restless_scaler(name, device):
+        """fp16's loss scale, made to move all the time: it starts high enough that the first steps overflow
+        and are skipped, and it doubles after every 2 good steps, so steps keep overflowing now and then."""
+        dtype, autocast, scaler = real_precision(name, device)
+        return dtype, autocast, torch.amp.GradScaler(device.type, init_scale=2.0 ** 20, growth_interval=2,
+                                                     enabled=scaler.is_enabled())
+
+    monkeypatch.setattr(train, "precision", restless_scaler)
     train.main(args + ["--out_dir=straight"])
 
     calls = {"n": 0}
@@ -89,6 +100,8 @@ def test_resume_reproduces_the_uninterrupted_losses_bitwise(tiny_data, monkeypat
 
     assert train_losses("interrupted") == train_losses("straight")  # exact float equality, every step
     assert len(train_losses("straight")) == 24
+    if dtype == "float16":
+        assert runtime.load_checkpoint("straight/ckpt.pt")["scaler"]["_growth_tracker"] in (0, 1)
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
