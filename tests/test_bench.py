@@ -48,6 +48,16 @@ def test_peak_tflops_gives_an_mfu(capsys):
     results = bench.main(TINY + ["--only=training", "--peak_tflops=1.0"])
     assert set(results) == {"training"}
     assert 0 < results["training"]["mfu"] < 1
+    assert results["training"]["profile"] is None  # only when asked for
+
+
+def test_profile_lists_the_operations_that_took_the_step_s_time(capsys):
+    profile = bench.main(TINY + ["--only=training", "--profile_steps=2"])["training"]["profile"]
+    assert 0 < len(profile) <= 15
+    times = [op["ms_per_step"] for op in profile]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    assert any(op["name"] in ("aten::mm", "aten::addmm") for op in profile)  # the matrix products are there
+    assert "where a step's time went" in capsys.readouterr().out
 
 
 def test_speedrun_times_whole_train_commands_and_reads_their_final_loss(tmp_path, monkeypatch, capsys):
