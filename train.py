@@ -231,6 +231,12 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
     tokenizer = load_tokenizer(data.checkpoint_fields["tokenizer"])
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    wandb = None
+    if cfg.wandb_project and master:  # imported before anything is written, so that a missing package costs nothing
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("wandb_project needs the wandb package: pip install wandb (or drop --wandb_project)") from None
 
     resumed = load_checkpoint(ckpt_path) if cfg.resume else None
     if resumed or init:  # the architecture is the checkpoint's; the training settings are this command's
@@ -331,9 +337,7 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
         say(f"MFU: no known peak for {device.type}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}; "
             "set --peak_tflops to see it")
 
-    wandb = None
-    if cfg.wandb_project and master:
-        import wandb
+    if wandb:
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=resolved, resume="allow")
 
     def log(record):

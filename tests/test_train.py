@@ -169,6 +169,13 @@ def test_nan_losses_with_no_rollback_left_stop_with_a_message(tiny_data, monkeyp
         train.main(TINY + ["--out_dir=run", "--max_iters=10", "--nan_patience=2"])
 
 
+def test_wandb_without_its_package_is_one_clear_line_before_anything_is_written(tiny_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets where it is not installed
+    with pytest.raises(UserError, match="pip install wandb"):
+        train.main(TINY + ["--out_dir=run", "--max_iters=2", "--wandb_project=demo"])
+    assert not os.path.exists("run")
+
+
 def test_flop_budget_stops_within_one_step(tiny_data):
     net = model_module.GPT(model_module.GPTConfig(**{**model_module.PRESETS["classic"], "n_layer": 2, "n_head": 2,
                                                      "n_embd": 32, "block_size": 32, "vocab_size": 64}))
