@@ -214,15 +214,15 @@ def activation(kind, h, gate=None):
     return F.silu(gate) * h  # SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer")
 
 
-# torch.compile accepts grouped products in bf16 only; for other dtypes torch falls back to one product per
-# expert (with a host sync), which then runs outside the compiled graph
+# torch's grouped product is one kernel only in bf16 on compute capability 9.x and 10.x GPUs (H100, H200, B200);
+# elsewhere, and in other dtypes, it reads the experts' row counts on the host and runs one product per expert.
+# torch.compile accepts it in bf16 only, so in other dtypes it runs outside the compiled graph.
 eager_grouped_mm = torch.compiler.disable(F.grouped_mm)
 
 
 def grouped_linear(x, linears, ends, expert_of_row):
-    """Rows ends[e-1]:ends[e] of x through linears[e], for every expert e, as one grouped matrix product (in
-    bf16: no loop over experts, no host sync). The experts' weights are stacked on every call, which costs
-    about what autocast's cast of them costs."""
+    """Rows ends[e-1]:ends[e] of x through linears[e], for every expert e, as one grouped matrix product. The
+    experts' weights are stacked on every call, which costs about what autocast's cast of them costs."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     weight = torch.stack([linear.weight for linear in linears]).to(dtype).transpose(1, 2)  # (experts, in, out)
     y = (F.grouped_mm if dtype == torch.bfloat16 else eager_grouped_mm)(x.to(dtype), weight, offs=ends)
