@@ -37,7 +37,14 @@ def peak_flops(device, override_tflops):
 
 def pick_device(name):
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+        available = dict(cuda=torch.cuda.is_available, mps=torch.backends.mps.is_available).get(device.type)
+        if available and not available():
+            raise UserError(f"device {name} is not available here (torch {torch.__version__}); use --device=auto or cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -69,8 +76,11 @@ def precision(name, device):
 
 
 def compile_wanted(setting, device):
-    """--compile: true/on/1, or "auto", which compiles on CUDA only (on the CPU it did not pay: see README)."""
-    return setting.lower() in ("true", "on", "1") or (setting == "auto" and device.type == "cuda")
+    """--compile: true/on/1, false/off/0, or "auto", which compiles on CUDA only (on the CPU it did not pay: see README)."""
+    setting = str(setting).lower()
+    if setting not in ("auto", "true", "on", "1", "false", "off", "0"):
+        raise UserError(f"compile must be auto, true or false, got {setting!r}")
+    return setting in ("true", "on", "1") or (setting == "auto" and device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -91,7 +101,7 @@ def save_checkpoint(path, checkpoint):
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first (python train.py ...), or drop --resume")
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py ...), or check the path")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -36,6 +36,7 @@ class TrainConfig:
     out_dir: str = "out"
     dataset: str = "shakespeare"       # reads data/<dataset>/, written by `python prepare.py`
     resume: bool = False               # continue from out_dir/ckpt.pt, exactly as if never stopped
+    overwrite: bool = False            # start over in an out_dir that already holds a run, replacing its checkpoints and log
     init_from: str = ""                # start from these weights: a run directory (its ckpt.pt) or a .pt file,
                                        # e.g. a Hugging Face model imported by export.py; optimizer and step start afresh
     preset: str = "classic"            # architecture from model.PRESETS; model keys in the config override it
@@ -92,6 +93,8 @@ DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
 def build_model_config(cfg, overrides, vocab_size):
     if cfg.preset not in PRESETS:
         raise UserError(f"preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
+    if cfg.vocab_multiple < 1:
+        raise UserError(f"vocab_multiple must be at least 1, got {cfg.vocab_multiple}")
     padded = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
     try:
         return configurator.build(GPTConfig, overrides, **{**PRESETS[cfg.preset], **DEFAULT_MODEL}, vocab_size=padded)
@@ -124,6 +127,22 @@ def make_optimizers(model, cfg, device):
     return optimizers
 
 
+def check_config(cfg):
+    """Settings that would stop a run midway, or quietly do nothing, refused before anything is written."""
+    at_least = dict(batch_size=1, eval_interval=1, eval_iters=1, log_interval=1, nan_patience=1,
+                    batch_tokens=0, warmup_iters=0, max_iters=0, max_tokens=0, max_flops=0, max_seconds=0,
+                    early_stop_patience=0, target_loss=0, sample_tokens=0, max_rollbacks=0, grad_clip=0)
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise UserError(f"{name} must be at least {low}, got {getattr(cfg, name)}")
+    if cfg.lr_schedule not in ("cosine", "wsd"):
+        raise UserError(f"lr_schedule must be cosine or wsd, got {cfg.lr_schedule!r}")
+    if not 0 < cfg.decay_fraction <= 1:
+        raise UserError(f"decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise UserError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+
+
 def learning_rate_scale(step, progress, cfg):
     """Multiplier on each optimizer's peak learning rate. `step` counts optimizer steps from 0;
     `progress` in [0, 1] is the share of the budget spent after warmup."""
@@ -132,10 +151,8 @@ def learning_rate_scale(step, progress, cfg):
     progress = min(max(progress, 0.0), 1.0)
     if cfg.lr_schedule == "cosine":
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.lr_schedule == "wsd":
-        decay = (progress - (1 - cfg.decay_fraction)) / cfg.decay_fraction
-        return 1 - (1 - cfg.min_lr_ratio) * min(max(decay, 0.0), 1.0)
-    raise UserError(f"lr_schedule must be cosine or wsd, got {cfg.lr_schedule!r}")
+    decay = (progress - (1 - cfg.decay_fraction)) / cfg.decay_fraction  # wsd
+    return 1 - (1 - cfg.min_lr_ratio) * min(max(decay, 0.0), 1.0)
 
 
 # ----------------------------------------------------------------------------- data
@@ -185,11 +202,12 @@ def to_device(x, y, device):
 def main(argv):
     overrides = configurator.parse(argv, TrainConfig, GPTConfig)
     cfg = configurator.build(TrainConfig, overrides)
-    launch(cfg, overrides, init=load_init(cfg.init_from) if cfg.init_from and not cfg.resume else None)
+    return launch(cfg, overrides, init=load_init(cfg.init_from) if cfg.init_from and not cfg.resume else None)
 
 
 def launch(cfg, overrides, **run_options):
-    """Set up the process (alone, or one of torchrun's), route Ctrl-C and SIGTERM to a clean stop, and run."""
+    """Set up the process (alone, or one of torchrun's), route Ctrl-C and SIGTERM to a clean stop, and run.
+    Returns the signal that stopped the run, or None when it ended by itself."""
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:
         device_type = "cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
@@ -217,6 +235,7 @@ def launch(cfg, overrides, **run_options):
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
+    return stop["signal"]
 
 
 def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
@@ -227,10 +246,16 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
+    check_config(cfg)
     data = data or TokenData(cfg.dataset)
     tokenizer = load_tokenizer(data.checkpoint_fields["tokenizer"])
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if cfg.resume and not os.path.isfile(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}; check --out_dir, or train without --resume first")
+    if not cfg.resume and not cfg.overwrite and os.path.exists(ckpt_path):
+        raise UserError(f"{cfg.out_dir} already holds a run (ckpt.pt): --resume continues it, --overwrite=True starts "
+                        "it over, or choose another --out_dir")
     wandb = None
     if cfg.wandb_project and master:  # imported before anything is written, so that a missing package costs nothing
         try:
@@ -239,8 +264,14 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
             raise UserError("wandb_project needs the wandb package: pip install wandb (or drop --wandb_project)") from None
 
     resumed = load_checkpoint(ckpt_path) if cfg.resume else None
+    if resumed and resumed["tokenizer"] != data.checkpoint_fields["tokenizer"]:
+        raise UserError(f"{ckpt_path} was trained on other tokens (dataset {resumed.get('dataset')!r}): --resume needs "
+                        "the same data; to train on new data start from it with --init_from instead")
     if resumed or init:  # the architecture is the checkpoint's; the training settings are this command's
         model_cfg = GPTConfig(**(resumed or init)["model_config"])
+        ignored = sorted(overrides.keys() & ({f.name for f in dataclasses.fields(GPTConfig)} | {"preset"}))
+        if ignored:
+            say(f"note: the model is the checkpoint's; {', '.join(ignored)} from this command not used")
     else:
         model_cfg = build_model_config(cfg, overrides, data.vocab_size)
     if init and data.vocab_size > model_cfg.vocab_size:
@@ -317,14 +348,17 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
         restore(resumed)
         say(f"resumed from {ckpt_path} at step {state['step']}")
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create out_dir {cfg.out_dir}: {e.strerror}") from None
         resolved = dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(model_cfg))
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(resolved, f, indent=2)
         say(json.dumps(resolved, indent=1))
         if resumed and os.path.exists(log_path):  # drop lines the interrupted run wrote after its last checkpoint
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= state["step"]]
+            with open(log_path) as f:  # a crash while appending may have left a half-written last line
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
             with open(log_path, "w") as f:
                 f.writelines(kept)
         elif not resumed:
@@ -519,6 +553,8 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
+        stopped_by = main(sys.argv[1:])
     except UserError as e:
         sys.exit(f"error: {e}")
+    # the shell's code for a process ended by that signal (130 for Ctrl-C), so that `train.py && sft.py` stops
+    sys.exit(128 + stopped_by if stopped_by else 0)

@@ -93,7 +93,7 @@ def test_resume_reproduces_the_uninterrupted_losses_bitwise(tiny_data, monkeypat
         return real_read_batch(path, *a, **k)
 
     monkeypatch.setattr(train, "read_batch", interrupt_during_step_13)
-    train.main(args + ["--out_dir=interrupted"])
+    assert train.main(args + ["--out_dir=interrupted"]) == signal.SIGINT  # the command line exits with 130
     assert max(train_losses("interrupted")) == 13  # the step in flight finished, then it stopped
     monkeypatch.setattr(train, "read_batch", real_read_batch)
     train.main(args + ["--out_dir=interrupted", "--resume"])
@@ -260,3 +260,58 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimizer(tiny_
     assert runtime.load_checkpoint("second/ckpt.pt")["state"]["step"] == 4
     with pytest.raises(UserError, match="init_from: no checkpoint at nowhere"):
         train.main(TINY + ["--out_dir=third", "--init_from=nowhere"])
+
+
+def test_a_run_directory_that_holds_a_run_is_never_overwritten_by_mistake(tiny_data):
+    train.main(TINY + ["--out_dir=run", "--max_iters=4", "--eval_interval=4"])
+    before = {name: os.path.getmtime(os.path.join("run", name)) for name in os.listdir("run")}
+    with pytest.raises(UserError, match=r"run already holds a run \(ckpt.pt\): --resume continues it, --overwrite=True"):
+        train.main(TINY + ["--out_dir=run", "--max_iters=2", "--eval_interval=2"])
+    assert {name: os.path.getmtime(os.path.join("run", name)) for name in os.listdir("run")} == before
+    train.main(TINY + ["--out_dir=run", "--max_iters=2", "--eval_interval=2", "--overwrite=True"])
+    assert runtime.load_checkpoint("run/ckpt.pt")["state"]["step"] == 2 and max(train_losses("run")) == 2
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--batch_size=0", "batch_size must be at least 1"),
+    ("--eval_interval=0", "eval_interval must be at least 1"),
+    ("--eval_iters=0", "eval_iters must be at least 1"),
+    ("--log_interval=0", "log_interval must be at least 1"),
+    ("--vocab_multiple=0", "vocab_multiple must be at least 1"),
+    ("--lr_schedule=linear", "lr_schedule must be cosine or wsd"),
+    ("--decay_fraction=0.0", r"decay_fraction must be in \(0, 1\]"),
+    ("--compile=yes", "compile must be auto, true or false"),
+    ("--device=gpu", "device must be auto, cpu, cuda"),
+])
+def test_settings_that_would_fail_midway_are_refused_before_anything_is_written(tiny_data, arg, message):
+    with pytest.raises(UserError, match=message):
+        train.main(TINY + ["--out_dir=run", "--max_iters=4", arg])
+    assert not os.path.exists("run")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_that_is_not_there_is_one_line(tiny_data):
+    with pytest.raises(UserError, match="device cuda is not available here"):
+        train.main(TINY + ["--out_dir=run", "--device=cuda"])
+
+
+def test_out_dir_that_cannot_be_created_is_one_line(tiny_data):
+    open("taken", "w").close()
+    with pytest.raises(UserError, match="cannot create out_dir taken"):
+        train.main(TINY + ["--out_dir=taken", "--max_iters=2"])
+
+
+def test_resume_on_other_data_is_refused_and_a_half_written_log_line_is_dropped(tiny_data):
+    train.main(TINY + ["--out_dir=run", "--max_iters=4", "--eval_interval=4", "--log_interval=1"])
+    with open("corpus2.txt", "w") as f:
+        f.write("0123456789 abcdefghijklmnopqrstuvwxyz\n" * 400)
+    prepare.main(["--source=corpus2.txt", "--dataset=other", "--tokenizer=char"])
+    config_before = open("run/config.json").read()
+    with pytest.raises(UserError, match="was trained on other tokens .dataset 'tiny'.: --resume needs the same data"):
+        train.main(TINY + ["--out_dir=run", "--resume", "--dataset=other", "--max_iters=8"])
+    assert open("run/config.json").read() == config_before
+
+    with open("run/log.jsonl", "a") as f:
+        f.write('{"step": 5, "train_lo')  # a crash while appending
+    train.main(TINY + ["--out_dir=run", "--resume", "--max_iters=8", "--eval_interval=4", "--log_interval=1"])
+    assert sorted(train_losses("run")) == list(range(1, 9))
