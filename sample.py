@@ -110,17 +110,26 @@ class Chat:
         self.template, self.end = template, marker_ids(tokenizer, template["end_of_turn"])
         self.end_text = template["end_of_turn"] if isinstance(template["end_of_turn"], str) else None
         self.prefix = render_chat(tokenizer, template, [dict(role="system", content=system)] if system else [])[0]
+        # an empty message must fit after the system message, or every message would be blamed for its length
+        if len(self.prefix) + len(self.user_turn("")) >= model.config.block_size:
+            raise UserError(f"the system message takes {len(self.prefix) - 1} tokens and the context holds "
+                            f"{model.config.block_size}, leaving no room for a message: shorten --system")
         self.turns = []  # ids of each finished exchange: user message, assistant marker, reply, end_of_turn
         self.cache = model.new_kv_cache(1)
         self.vocab_size = sampleable_vocab_size(tokenizer, template)
 
+    def user_turn(self, message):
+        """The ids a message adds to the conversation: it, then the assistant marker that the reply follows."""
+        turn = render_chat(self.tokenizer, self.template, [dict(role="user", content=message)])[0][1:]
+        return turn + marker_ids(self.tokenizer, self.template["assistant"])
+
     def respond(self, message, max_new_tokens, temperature=0.8, top_k=0, top_p=1.0, generator=None):
         """Yield the reply's text as it is generated; the exchange joins the conversation once it ends."""
         block = self.model.config.block_size
-        turn = render_chat(self.tokenizer, self.template, [dict(role="user", content=message)])[0][1:]
-        turn += marker_ids(self.tokenizer, self.template["assistant"])
+        turn = self.user_turn(message)
         if len(self.prefix) + len(turn) >= block:
-            raise UserError(f"that message takes {len(turn)} tokens and the context holds {block}: shorten it")
+            system = f", {len(self.prefix) - 1} of them taken by the system message" if len(self.prefix) > 1 else ""
+            raise UserError(f"that message takes {len(turn)} tokens and the context holds {block}{system}: shorten it")
         # drop the oldest whole exchanges until the reply has room (a half-exchange would confuse the model)
         room = min(max_new_tokens, block // 2)
         dropped = 0
@@ -192,7 +201,9 @@ def decoding(device, threads=0):
 
 def load(cfg):
     path = os.path.join(cfg.out_dir, cfg.ckpt)
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(cfg.out_dir, "model.safetensors")):
+    # either file marks a Hugging Face folder, so that one with the other missing or broken says so
+    hf_folder = any(os.path.isfile(os.path.join(cfg.out_dir, name)) for name in ("config.json", "model.safetensors"))
+    if not os.path.isfile(path) and hf_folder:
         checkpoint = hf_checkpoint(cfg.out_dir)
     elif not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir (and --ckpt) at a run "
@@ -227,8 +238,11 @@ def read_prompt(spec):
     if spec.startswith("FILE:"):
         if not os.path.isfile(spec[5:]):
             raise UserError(f"prompt file {spec[5:]} not found")
-        with open(spec[5:], encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(spec[5:], encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {spec[5:]} is not UTF-8 text ({e.reason}): save it as UTF-8") from e
     return spec
 
 

@@ -74,8 +74,13 @@ SFT_DEFAULTS = dict(init_from="out", out_dir="out-sft", max_iters=1000, warmup_i
 
 def to_messages(row):
     """One dataset row as a list of {role, content} messages, whatever the dataset's layout."""
+    if not isinstance(row, dict):
+        raise UserError(f"a row {json.dumps(row)[:40]} is not a conversation object: expected one with messages, "
+                        "conversations, instruction/output or prompt/response")
     turns = row.get("messages") or row.get("conversations")
     if turns:
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            return []  # no list of messages: valid() rejects it, so it is dropped and counted as malformed
         roles = {"human": "user", "gpt": "assistant"}  # ShareGPT's names
         return [dict(role=roles.get(t.get("role", t.get("from")), t.get("role", t.get("from"))),
                      content=t.get("content", t.get("value"))) for t in turns]
@@ -173,12 +178,18 @@ def read_source(path, cap, cfg, seed):
     elif path.endswith(".jsonl"):
         if not os.path.isfile(path):
             raise UserError(f"chat data {path} not found")
-        with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-        try:
-            rows = [to_messages(json.loads(line)) for line in lines]
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not JSON lines ({e})") from e
+        rows = []
+        with open(path, "rb") as f:  # bytes, decoded line by line, so that an error names the file's line
+            for number, line in enumerate(f, 1):
+                try:
+                    if line.strip():
+                        rows.append(to_messages(json.loads(line.decode("utf-8"))))
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path} line {number} is not UTF-8 ({e.reason}): save the file as UTF-8") from e
+                except json.JSONDecodeError as e:  # its own line number counts within the line
+                    raise UserError(f"{path} line {number} is not JSON ({e.msg} at column {e.colno})") from e
+                except UserError as e:
+                    raise UserError(f"{path} line {number}: {e}") from e
     else:
         raise UserError(f"source {path!r}: give demo, a .jsonl file, or hf:<dataset>[:split]")
     conversations = []
@@ -380,6 +391,8 @@ class PackedChats:
 def main(argv):
     overrides = configurator.parse(argv, TrainConfig, SFTConfig)
     sft = configurator.build(SFTConfig, overrides)
+    if not 0 <= sft.epochs < math.inf:
+        raise UserError(f"epochs must be a positive number of passes, or 0 to run max_iters steps; got {sft.epochs:g}")
     # init_from (train.py's key): the pretrained run directory or checkpoint file; out_dir is where sft writes
     init_from = overrides.get("init_from", SFT_DEFAULTS["init_from"])
     out_dir = overrides.get("out_dir", SFT_DEFAULTS["out_dir"])
@@ -413,9 +426,11 @@ def main(argv):
     say(f"template: {template}; learning rate {cfg.learning_rate:.2e}"
         f"{f' (Muon {cfg.muon_lr:.2e})' if cfg.optimizer == 'muon' else ''}, "
         f"{'assistant tokens only' if sft.mask_prompt else 'every token (mask_prompt=False)'} carry loss")
-    launch(cfg, overrides, data=data, init=None if resume else start)
-    if "demo" in [parse_source(spec)[0] for spec in sft.sources.split(",")] and int(os.environ.get("RANK", 0)) == 0:
+    stopped_by = launch(cfg, overrides, data=data, init=None if resume else start)
+    if not stopped_by and "demo" in [parse_source(spec)[0] for spec in sft.sources.split(",")] and \
+            int(os.environ.get("RANK", 0)) == 0:
         print(demo_exam(os.path.join(cfg.out_dir, "best.pt"), data.val_conversations))
+    return stopped_by
 
 
 def demo_exam(checkpoint_path, conversations, questions=100):
@@ -424,15 +439,22 @@ def demo_exam(checkpoint_path, conversations, questions=100):
     from sample import Chat, SampleConfig, decoding, load
     out_dir, ckpt = os.path.split(checkpoint_path)
     model, tokenizer, checkpoint = load(SampleConfig(out_dir=out_dir, ckpt=ckpt))
-    right = {}
+    right, skipped = {}, 0
     with decoding(model.lm_head.weight.device):
         # "Give me a line of X" has many right answers: it teaches style, and is not examined
         for messages in [c for c in conversations if len(c) == 2 and not c[0]["content"].startswith("Give")][:questions]:
             question, answer = messages[0]["content"], messages[1]["content"]
-            reply = "".join(Chat(model, tokenizer, checkpoint["chat_template"]).respond(question, 80, temperature=0))
+            chat = Chat(model, tokenizer, checkpoint["chat_template"])
+            try:
+                reply = "".join(chat.respond(question, 80, temperature=0))
+            except UserError:  # longer than a small model's context, or characters its tokenizer lacks
+                skipped += 1
+                continue
             right.setdefault(question.split()[0], []).append(reply.strip() == answer)
-    return "held-out demo questions answered exactly (greedy): " + ", ".join(
-        f'"{kind} ..." {sum(marks)}/{len(marks)}' for kind, marks in sorted(right.items()))
+    scores = ", ".join(f'"{kind} ..." {sum(marks)}/{len(marks)}' for kind, marks in sorted(right.items()))
+    skips = (f"; {skipped} skipped: too long for the context of {model.config.block_size} tokens, or with characters "
+             "the tokenizer lacks" if skipped else "")
+    return f"held-out demo questions answered exactly (greedy): {scores or 'none'}{skips}"
 
 
 def say(*args):
@@ -442,6 +464,7 @@ def say(*args):
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
+        stopped_by = main(sys.argv[1:])
     except UserError as e:
         sys.exit(f"error: {e}")
+    sys.exit(128 + stopped_by if stopped_by else 0)  # as train.py: 130 after Ctrl-C

@@ -264,6 +264,10 @@ def test_each_bad_input_is_one_clear_line(tmp_path, capsys):
     write_run(tmp_path / "old", version=0)
     with pytest.raises(UserError, match="checkpoint version 0, this code reads version 1"):
         run_sample(f"--out_dir={tmp_path / 'old'}")
+    (tmp_path / "weights").mkdir()
+    torch.save(tiny_model().state_dict(), tmp_path / "weights" / "ckpt.pt")  # bare weights, not a train.py checkpoint
+    with pytest.raises(UserError, match="is not a checkpoint of this code's train.py"):
+        run_sample(f"--out_dir={tmp_path / 'weights'}")
     write_run(tmp_path / "other", model=tiny_model(), model_config=dict(dataclasses.asdict(tiny_model().config), n_embd=48))
     with pytest.raises(UserError, match="incompatible version"):
         run_sample(f"--out_dir={tmp_path / 'other'}")
@@ -275,6 +279,29 @@ def test_each_bad_input_is_one_clear_line(tmp_path, capsys):
     text = run_sample(f"--out_dir={run}", "--prompt=" + "a" * 100, "--max_new_tokens=10")
     assert capsys.readouterr().err == "warning: the prompt is 101 tokens, longer than the context of 64; keeping its last 54\n"
     assert text.startswith("a" * 100)
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("the café".encode("latin-1"))
+    with pytest.raises(UserError, match=r"prompt file .*latin1.txt is not UTF-8 text .*save it as UTF-8"):
+        run_sample(f"--out_dir={write_run(tmp_path / 'run')}", f"--prompt=FILE:{tmp_path / 'latin1.txt'}")
+
+
+def test_a_system_message_too_long_for_the_context_is_blamed_not_the_message(tmp_path):
+    run = write_run(tmp_path / "run", model=tiny_model(block_size=32), chat_template=TEMPLATE)
+    with pytest.raises(UserError, match="the system message takes 506 tokens and the context holds 32, leaving no room"):
+        run_sample(f"--out_dir={run}", "--chat", "--system=" + "a" * 500)
+    # a system message that fits but leaves little room: the error says how much it takes
+    chat = sample.Chat(tiny_model(block_size=32), load_tokenizer(SPEC), TEMPLATE, system="a" * 10)
+    with pytest.raises(UserError, match="takes 20 tokens and the context holds 32, 16 of them taken by the system message"):
+        "".join(chat.respond("hello there", max_new_tokens=5))
+
+
+def test_a_hugging_face_folder_with_a_broken_config_json_says_so(tmp_path):
+    pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(UserError, match=r"config\.json"):  # it said "no checkpoint at .../ckpt.pt"
+        run_sample(f"--out_dir={tmp_path}")
 
 
 def test_the_script_prints_one_line_and_exits_1(tmp_path):

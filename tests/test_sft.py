@@ -2,6 +2,7 @@
 template round-trips, identity and cleaning, packing at turn boundaries, local and Hub-format data, and a
 fine-tuned model that beats its base model on held-out conversations."""
 
+import dataclasses
 import io
 import json
 import math
@@ -218,6 +219,53 @@ def test_bad_input_is_one_clear_line(base_run):
         sft.main(["--init_from=base", "--sources=odd.jsonl"])
     with pytest.raises(UserError, match="overlong must be"):
         sft.main(["--init_from=base", "--sources=chat.jsonl", "--overlong=wrap"])
+
+
+def test_rows_that_are_not_utf8_json_or_conversation_objects_name_their_line(tmp_path):
+    good = json.dumps({"prompt": "hi", "response": "yo."})
+    cfg = sft.SFTConfig()
+    for name, second, error in [("latin1.jsonl", '{"prompt": "café"}', "line 2 is not UTF-8"),
+                                ("bad.jsonl", '{"prompt": "hi", response: 1}', r"line 2 is not JSON \(Expecting property name"),
+                                ("list.jsonl", "[1, 2]", r"line 2: a row \[1, 2\] is not a conversation object"),
+                                ("text.jsonl", '"text"', 'line 2: a row "text" is not a conversation object')]:
+        (tmp_path / name).write_bytes(f"{good}\n{second}\n".encode("latin-1"))  # "é" in latin-1 is not UTF-8
+        with pytest.raises(UserError, match=f"{name} {error}"):
+            sft.read_source(str(tmp_path / name), 0, cfg, 0)
+
+
+def test_a_malformed_json_line_names_the_file_and_its_line_number(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", "response": "yo."}) + "\n\n" + '{"prompt": "hi", "response": }\n')
+    with pytest.raises(UserError, match=r"chat.jsonl line 3 is not JSON \(Expecting value at column 30\)"):
+        sft.read_source(str(path), 0, sft.SFTConfig(), 0)
+
+
+def test_messages_that_are_not_a_list_of_objects_are_counted_as_malformed(tmp_path):
+    rows = [{"messages": "hi"}, {"messages": ["hi"]}] + [{"prompt": f"q{i}", "response": f"r{i}."} for i in range(8)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(map(json.dumps, rows)))
+    said = []
+    cfg = sft.SFTConfig(sources=str(path), identity_rate=0.0, val_fraction=0.25)
+    train_set, val_set = sft.load_conversations(cfg, 0, random.Random(0), said.append)
+    assert len(train_set) + len(val_set) == 8 and "10 conversations, 2 malformed" in said[0]
+
+
+def test_the_demo_exam_skips_questions_longer_than_the_context(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    torch.save(dict(version=runtime.CHECKPOINT_VERSION, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+                    config={}, tokenizer={"kind": "char", "chars": CHARS}, chat_template=SPECIAL), tmp_path / "best.pt")
+    questions = [[dict(role="user", content=q), dict(role="assistant", content="4.")]
+                 for q in ["add 2 and 2.", "which play has " + "x" * 40 + " in it?"]]
+    result = sft.demo_exam(str(tmp_path / "best.pt"), questions)
+    assert result.startswith('held-out demo questions answered exactly (greedy): "add ..." ')
+    assert result.endswith("; 1 skipped: too long for the context of 32 tokens, or with characters the tokenizer lacks")
+
+
+def test_negative_epochs_are_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="epochs must be a positive number of passes, or 0 to run max_iters steps; got -1"):
+        sft.main(["--epochs=-1"])
 
 
 def test_the_offline_demo_fits_the_quick_start_model():
