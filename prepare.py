@@ -13,6 +13,7 @@ Everything is written to temporary files and moved into place at the end, meta.j
 import base64
 import codecs
 import collections
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from tokenizer import load_hook, load_tokenizer
 PIECE_BYTES = 1 << 20   # text files are read and encoded in pieces of about this size
 BATCH_CHARS = 1 << 20   # text per task sent to a worker: big enough to amortise pickling
 SPLITS = ("train", "val")
+SP_FIXED_PIECES = 259   # 256 byte-fallback pieces, unk, eos and "\n": in every SentencePiece model trained here
 
 
 @dataclass
@@ -174,6 +177,22 @@ def load_rows(cfg, data_format=None, files=None):
     return table
 
 
+@contextlib.contextmanager
+def made_dir(path):
+    """Make `path` and its missing parents; on the way out (after a failure, say) remove those left empty."""
+    created, parent = [], os.path.normpath(path)
+    while parent and not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield
+    finally:
+        for made in created:  # the deepest first
+            if not os.listdir(made):
+                os.rmdir(made)
+
+
 def download(url, data_dir):
     """A URL source is fetched once into data/<dataset>/, as nanoGPT's shakespeare_char/prepare.py does,
     and read from there like a local file; written atomically, so a broken download is never taken whole."""
@@ -183,16 +202,16 @@ def download(url, data_dir):
     path = os.path.join(data_dir, os.path.basename(urllib.parse.urlparse(url).path) or "download.txt")
     if os.path.isfile(path):
         return path
-    os.makedirs(data_dir, exist_ok=True)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(path + ".tmp", "wb") as f:
-            shutil.copyfileobj(response, f)
-        os.replace(path + ".tmp", path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not download {url} ({e}); download it yourself and give --source=<the file>") from e
-    finally:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+    with made_dir(data_dir):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(path + ".tmp", "wb") as f:
+                shutil.copyfileobj(response, f)
+            os.replace(path + ".tmp", path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not download {url} ({e}); download it yourself and give --source=<the file>") from e
+        finally:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
     print(f"downloaded {url} to {path} ({os.path.getsize(path):,} bytes)")
     return path
 
@@ -263,16 +282,19 @@ def build_tokenizer_spec(cfg, documents, data_dir, temp_files):
     if cfg.tokenizer == "sp":
         return {"kind": "sp", "model": train_sentencepiece(cfg, documents, pretokenize, data_dir, temp_files), **hook}
     if os.path.isfile(cfg.tokenizer):  # BPE ranks, embedded so that checkpoints do not depend on the file
-        with open(cfg.tokenizer, encoding="utf-8") as f:
-            return {"kind": "tiktoken", "ranks_file": os.path.basename(cfg.tokenizer), "ranks": f.read(), **hook}
+        try:
+            with open(cfg.tokenizer, encoding="utf-8") as f:
+                ranks = f.read()
+        except UnicodeDecodeError as e:
+            raise UserError(f"{cfg.tokenizer} is not a tiktoken ranks file: it is not text, and each line must be "
+                            '"<base64 token> <rank>"') from e
+        return {"kind": "tiktoken", "ranks_file": os.path.basename(cfg.tokenizer), "ranks": ranks, **hook}
     raise UserError(f"--tokenizer={cfg.tokenizer} is neither char, sp, gpt2 nor an existing .tiktoken file")
 
 
 def train_sentencepiece(cfg, documents, pretokenize, data_dir, temp_files):
     """Train on up to sp_sample_bytes from the start of the train split; return the model as base64."""
     import sentencepiece as spm
-    if cfg.sp_model_type not in ("bpe", "unigram"):
-        raise UserError(f"--sp_model_type must be bpe or unigram, not {cfg.sp_model_type!r}")
     sample = os.path.join(data_dir, "sp_sample.txt.tmp")
     temp_files.append(sample)
     written = 0
@@ -300,6 +322,11 @@ def train_sentencepiece(cfg, documents, pretokenize, data_dir, temp_files):
         if "too high" in str(e):  # "Vocabulary size (is) too high (N). Please set it to a value <= M."
             raise UserError(f"--sp_vocab_size={cfg.sp_vocab_size} is more than this corpus supports"
                             + (f" (at most {limit.group(1)})" if limit else "") + "; lower it or add text") from e
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if needed:  # "... required_chars. N vs M. Increase vocab_size or decrease character_coverage ..."
+            raise UserError(f"--sp_vocab_size={cfg.sp_vocab_size} is too small for this corpus: it needs at least "
+                            f"{needed.group(1)} (the {SP_FIXED_PIECES} pieces every model has, then one per "
+                            "character); raise it") from e
         raise UserError(f"SentencePiece training failed: {e}") from e
     return base64.b64encode(model.getvalue()).decode("ascii")
 
@@ -313,7 +340,9 @@ def token_dtype(vocab_size):
 _worker = {}
 
 
-def init_worker(spec, dtype):
+def init_worker(spec, dtype, in_pool=False):
+    if in_pool:  # Ctrl-C is for the parent, which stops the pool: not a traceback from every worker
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker.update(tokenizer=load_tokenizer(spec), dtype=dtype)
 
 
@@ -347,21 +376,28 @@ def workers(cfg):
 
 
 def encoded(cfg, spec, dtype, documents):
-    """Encoded batches in order. Pool.imap would read the whole corpus into its task queue at once, so a
-    bounded window of apply_async results keeps memory flat instead."""
+    """Encoded batches in order. Executor.map would read the whole corpus into its task queue at once, so a
+    bounded window of futures keeps memory flat instead. A worker that dies (killed for memory, say) or raises
+    a BaseException (a Rust panic) fails the run here, where multiprocessing.Pool waited forever for its result."""
     if workers(cfg) == 1:
         init_worker(spec, dtype)
         yield from map(encode_batch, batches(documents))
         return
-    import multiprocessing
-    with multiprocessing.Pool(workers(cfg), initializer=init_worker, initargs=(spec, dtype)) as pool:
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    pool = ProcessPoolExecutor(workers(cfg), initializer=init_worker, initargs=(spec, dtype, True))
+    try:
         window = collections.deque()
         for batch in batches(documents):
-            window.append(pool.apply_async(encode_batch, (batch,)))
+            window.append(pool.submit(encode_batch, batch))
             if len(window) >= 2 * workers(cfg):
-                yield window.popleft().get()
+                yield window.popleft().result()
         while window:
-            yield window.popleft().get()
+            yield window.popleft().result()
+    except BrokenProcessPool as e:
+        raise UserError(f"an encoding process died ({e}); if it ran out of memory, lower --num_workers") from e
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 class Progress:
@@ -460,6 +496,15 @@ def main(argv=None):
         raise UserError(f"--val_fraction must be between 0 and 1, not {cfg.val_fraction}")
     if cfg.on_decode_error not in ("replace", "fail"):
         raise UserError(f"--on_decode_error must be replace or fail, not {cfg.on_decode_error!r}")
+    if cfg.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 (one per CPU) or more, not {cfg.num_workers}")
+    if not cfg.dataset.strip():
+        raise UserError("--dataset must not be empty: it names the output folder, data/<dataset>/")
+    if cfg.tokenizer == "sp" and cfg.sp_model_type not in ("bpe", "unigram"):
+        raise UserError(f"--sp_model_type must be bpe or unigram, not {cfg.sp_model_type!r}")
+    if cfg.tokenizer == "sp" and cfg.sp_vocab_size <= SP_FIXED_PIECES:
+        raise UserError(f"--sp_vocab_size must be more than {SP_FIXED_PIECES}, the pieces every model has (256 bytes, "
+                        f"unk, eos, newline), not {cfg.sp_vocab_size}")
     data_dir, replaced = os.path.join("data", cfg.dataset), [0]
     meta_path = os.path.join(data_dir, "meta.json")
     if cfg.source.startswith(("http://", "https://")):
@@ -476,27 +521,23 @@ def main(argv=None):
                   "pass --force to prepare it again")
             return old
 
-    created = [path for path in ("data", data_dir) if not os.path.isdir(path)]
-    os.makedirs(data_dir, exist_ok=True)
     temp_files = []
-    try:
-        meta, files = write_dataset(cfg, documents, total_bytes, data_dir, temp_files, replaced)
-        meta.update(fingerprint=stamp, config=dataclasses.asdict(cfg))
-        temp_files.append(meta_path + ".tmp")
-        with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-        # the old meta.json goes first, so that it never vouches for a mix of old and new bins
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        for temp, final in [*files.items(), (meta_path + ".tmp", meta_path)]:
-            os.replace(temp, final)
-    finally:  # after a failure: no temporary file, and no directory that this run created for nothing
-        for path in temp_files:
-            if os.path.exists(path):
-                os.remove(path)
-        for path in reversed(created):
-            if not os.listdir(path):
-                os.rmdir(path)
+    with made_dir(data_dir):
+        try:
+            meta, files = write_dataset(cfg, documents, total_bytes, data_dir, temp_files, replaced)
+            meta.update(fingerprint=stamp, config=dataclasses.asdict(cfg))
+            temp_files.append(meta_path + ".tmp")
+            with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1)
+            # the old meta.json goes first, so that it never vouches for a mix of old and new bins
+            if os.path.exists(meta_path):
+                os.remove(meta_path)
+            for temp, final in [*files.items(), (meta_path + ".tmp", meta_path)]:
+                os.replace(temp, final)
+        finally:  # after a failure: no temporary file (and made_dir leaves no directory made for nothing)
+            for path in temp_files:
+                if os.path.exists(path):
+                    os.remove(path)
     print(f"wrote {data_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"vocabulary {meta['vocab_size']:,} ({meta['dtype']})")
     return meta
@@ -508,3 +549,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # main's finally blocks have removed the temporary files; old files are untouched
+        print("interrupted; nothing was written over", file=sys.stderr)
+        sys.exit(130)

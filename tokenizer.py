@@ -74,13 +74,17 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-def read_ranks(text):
+def read_ranks(text, name):
     """Parse the .tiktoken format: one "<base64 token> <rank>" per line."""
     ranks = {}
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError as e:  # binascii.Error, for bad base64, is a ValueError too
+                raise UserError(f"{name} is not a tiktoken ranks file: line {number} is {line[:40]!r}, not "
+                                '"<base64 token> <rank>"') from e
     return ranks
 
 
@@ -99,13 +103,19 @@ class TiktokenTokenizer:
                                 "downloads it at first use, so connect once or pass a local ranks file "
                                 "(--tokenizer=path/to/file.tiktoken)") from e
         else:
+            name = spec.get("ranks_file", "the BPE ranks")
             if "ranks" in spec:
-                ranks = read_ranks(spec["ranks"])
+                ranks = read_ranks(spec["ranks"], name)
             else:
                 try:
                     ranks = tiktoken.load.load_tiktoken_bpe(spec["ranks_file"])
                 except (OSError, ValueError) as e:
                     raise UserError(f"could not read the BPE ranks file {spec['ranks_file']}: {e}") from e
+            # tiktoken panics, in Rust, on text with a byte that has no rank of its own
+            missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+            if missing:
+                raise UserError(f"{name} is not a byte-level BPE: its ranks must include all 256 single bytes, "
+                                f"but {len(missing)} have no rank, {missing[0]!r} among them")
             self.enc = tiktoken.Encoding(name=spec.get("ranks_file", "ranks"), pat_str=GPT2_PATTERN,
                                          mergeable_ranks=ranks, special_tokens={EOT_TEXT: len(ranks)})
         self.vocab_size, self.eot_id = self.enc.n_vocab, self.enc.eot_token

@@ -272,3 +272,79 @@ def test_an_unreachable_hub_switches_to_the_local_cache_at_once(workdir, monkeyp
     prepare.offline_unless_hub_reachable("bookcorpus")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert "only datasets already in the local cache" in capsys.readouterr().err
+
+
+def test_ranks_without_every_single_byte_are_one_line_not_a_panic(workdir):
+    (workdir / "corpus.txt").write_text("the quick brown fox\n" * 200)
+    write_ranks(workdir / "g2.tiktoken", [bytes([i]) for i in range(256) if i != ord("q")] + [b"th", b"he"])
+    for workers in ("1", "2"):  # tiktoken panicked in Rust: a traceback, or a pool waiting forever
+        with pytest.raises(UserError, match=r"g2.tiktoken is not a byte-level BPE: .* all 256 single bytes, "
+                                            r"but 1 have no rank, b'q' among them"):
+            prepare.main(["--source=corpus.txt", "--dataset=d", "--tokenizer=g2.tiktoken", f"--num_workers={workers}"])
+        assert not os.path.exists("data")
+
+
+def test_a_file_that_is_not_ranks_is_one_line(workdir):
+    (workdir / "corpus.txt").write_text("the quick brown fox\n" * 200)
+    (workdir / "model.bin").write_bytes(bytes(range(256)) * 4)
+    (workdir / "words.txt").write_text("dGhl 0\nthe quick brown\n")
+    for name, message in [("model.bin", "model.bin is not a tiktoken ranks file: it is not text"),
+                          ("words.txt", "words.txt is not a tiktoken ranks file: line 2 is 'the quick brown', not")]:
+        with pytest.raises(UserError, match=message):
+            prepare.main(["--source=corpus.txt", "--dataset=d", f"--tokenizer={name}"])
+        assert not os.path.exists("data")
+
+
+def test_bad_settings_are_one_line_and_write_nothing(workdir):
+    (workdir / "corpus.txt").write_text("the quick brown fox\n" * 200)
+    for args, message in [(["--num_workers=-1"], r"--num_workers must be 0 \(one per CPU\) or more, not -1"),
+                          (["--dataset="], "--dataset must not be empty"),
+                          (["--tokenizer=sp", "--sp_vocab_size=-5"], "--sp_vocab_size must be more than 259"),
+                          # SentencePiece's own message named its --character_coverage, which prepare.py lacks
+                          (["--tokenizer=sp", "--sp_vocab_size=270"],
+                           "--sp_vocab_size=270 is too small for this corpus: it needs at least 275 ")]:
+        with pytest.raises(UserError, match=message):
+            prepare.main(["--source=corpus.txt", "--dataset=d", *args])
+        assert not os.path.exists("data")
+
+
+def test_a_dead_worker_fails_the_run_instead_of_hanging_it(workdir, monkeypatch):
+    (workdir / "corpus.txt").write_text("the quick brown fox\n" * 200)
+    write_ranks(workdir / "bytes.tiktoken", [bytes([i]) for i in range(256)])
+    # killed as the out-of-memory killer would: multiprocessing.Pool waited for its result forever
+    (workdir / "killer.py").write_text(f"import os\n\ndef die(text):\n    if os.getpid() != {os.getpid()}:\n"
+                                       "        os._exit(1)\n    return text\n")
+    monkeypatch.syspath_prepend(str(workdir))
+    with pytest.raises(UserError, match="an encoding process died .*lower --num_workers"):
+        prepare.main(["--source=corpus.txt", "--dataset=d", "--tokenizer=bytes.tiktoken", "--num_workers=2",
+                      "--pretokenize=killer:die"])
+    assert not os.path.exists("data")
+
+
+def test_a_failed_download_leaves_no_directory(workdir):
+    for made in ("data", "data/nowhere"):  # whether data/ was there before or not
+        with pytest.raises(UserError, match="could not download http://127.0.0.1:9/x.txt"):
+            prepare.main(["--source=http://127.0.0.1:9/x.txt", "--dataset=nowhere"])
+        assert not os.path.exists("data/nowhere")
+        os.makedirs(made)
+    assert os.path.isdir("data")
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_old_data(workdir):
+    for i in range(6):
+        (workdir / f"{i}.txt").write_text(f"document {i}: the quick brown fox\n" * 100)
+    write_ranks(workdir / "bytes.tiktoken", [bytes([i]) for i in range(256)])
+    args = ["--source=*.txt", "--dataset=d", "--tokenizer=bytes.tiktoken", "--num_workers=2"]
+    before = prepare.main(args)
+    # the first worker to encode presses Ctrl-C: SIGINT to the whole process group, as a terminal sends it
+    (workdir / "ctrl_c.py").write_text("import os, signal\n\ndef press(text):\n    try:\n"
+                                       "        os.close(os.open('pressed', os.O_CREAT | os.O_EXCL))\n"
+                                       "        os.killpg(0, signal.SIGINT)\n    except FileExistsError:\n"
+                                       "        pass\n    return text\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *args, "--force",
+                             "--pretokenize=ctrl_c:press"], capture_output=True, text=True, timeout=60,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(workdir)})
+    assert os.path.exists("pressed")
+    assert result.returncode == 130 and result.stderr == "interrupted; nothing was written over\n"
+    assert prepare.load_meta("data/d") == before
+    assert sorted(os.listdir("data/d")) == ["meta.json", "train.bin", "val.bin"]
