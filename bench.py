@@ -139,7 +139,7 @@ def bench_training(cfg, tcfg, scfg, overrides, device):
 
     for _ in range(cfg.warmup_steps):
         step()
-    seconds = statistics.median(timed(step, device) for _ in range(max(cfg.timed_steps, 1)))
+    seconds = statistics.median(timed(step, device) for _ in range(cfg.timed_steps))
     profile = profile_step(step, device, cfg.profile_steps) if cfg.profile_steps else None
     tok_per_sec = B * T / seconds
     peak = peak_flops(device, tcfg.peak_tflops)
@@ -220,7 +220,7 @@ def bench_generation(cfg, tcfg, scfg, overrides, device):
     for key, label, how, method, model, context, repeats in rows:
         method(model, 8, context)  # warm up the allocator and kernels
         result[f"{key}_tok_per_sec"] = n / statistics.median(timed(lambda: method(model, n, context), device)
-                                                             for _ in range(max(repeats, 1)))
+                                                             for _ in range(repeats))
         result[f"{key}_settings"] = how
         print(f"  {label:<22}{result[f'{key}_tok_per_sec']:>12.1f} tok/s   {how}")
     result["speedup"] = result["kv_cache_tok_per_sec"] / result["recompute_tok_per_sec"]
@@ -254,12 +254,12 @@ def bench_prepare(cfg, tcfg, scfg, overrides, device):
             try:
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     prepare.main(argv)  # once untimed: fails fast when the tokenizer cannot load (gpt2 offline)
-                    seconds = statistics.median(timed(lambda: prepare.main(argv), device) for _ in range(max(cfg.repeats, 1)))
+                    seconds = statistics.median(timed(lambda: prepare.main(argv), device) for _ in range(cfg.repeats))
                     meta = prepare.load_meta("data/bench")
                     tokenizer = load_tokenizer(meta["tokenizer"])
                     pieces = list(prepare.read_text("corpus.txt", "replace", [0]))
                     alone = statistics.median(timed(lambda: [tokenizer.encode(p) for p in pieces], device)
-                                              for _ in range(max(cfg.repeats, 1)))
+                                              for _ in range(cfg.repeats))
             except UserError as e:
                 print(f"  {name:<22}{'n/a':>12}   {str(e)[:100]}")
                 results[name] = dict(skipped=str(e))
@@ -288,7 +288,9 @@ def bench_speedrun(cfg, tcfg, scfg, overrides, device):
         out_dir = configurator.build(TrainConfig, configurator.parse(args, TrainConfig, GPTConfig)).out_dir
         start, started_at, stopped = time.perf_counter(), time.time(), False
         try:
-            done = subprocess.run([sys.executable, os.path.join(configurator.ROOT, "train.py"), *args], env=env,
+            command_line = [sys.executable, os.path.join(configurator.ROOT, "train.py"), *args,
+                            "--overwrite=True"]  # a speedrun run again starts each run over in its out_dir
+            done = subprocess.run(command_line, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   timeout=cfg.speedrun_limit or None)
             if done.returncode:
@@ -331,6 +333,16 @@ def main(argv):
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise UserError(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    for key in ("repeats", "new_tokens", "timed_steps"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("warmup_steps", "profile_steps", "speedrun_target", "speedrun_limit"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"--{key} must be at least 0, got {getattr(cfg, key)}")
+    if not cfg.prepare_mb > 0:
+        raise UserError(f"--prepare_mb must be more than 0, got {cfg.prepare_mb}")
+    if cfg.json:
+        configurator.check_writable(cfg.json, "json")
     device = pick_device(tcfg.device)
     results = {name: BENCHMARKS[name](cfg, tcfg, scfg, overrides, device) for name in names}
     if cfg.json:
@@ -344,3 +356,6 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -105,3 +105,11 @@ def build(config_class, overrides, **base):
     """An instance of `config_class` from its defaults, then `base`, then the explicit `overrides`."""
     names = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{**base, **{k: v for k, v in overrides.items() if k in names}})
+
+
+def check_writable(path, key):
+    """Refuse an output path that cannot be written before the work, not after it."""
+    if os.path.isdir(path):
+        raise UserError(f"--{key}={path} is a folder; give a file name")
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise UserError(f"--{key}={path}: folder {os.path.dirname(path)} does not exist; create it or pick another path")

@@ -41,7 +41,7 @@ class ExportConfig:
     to: str = ""                     # export: the Hugging Face folder to write
     from_hf: str = ""                # import: a local Hugging Face folder (GPT-2, Llama or Qwen3)
     to_run: str = ""                 # import: the run directory to write ckpt.pt into
-    overwrite: bool = False          # replace an existing --to folder or --to_run checkpoint
+    overwrite: bool = False          # replace an earlier export in --to, or the --to_run checkpoint
 
 
 EXPORTABLE = ("exportable: classic (learned positions, layernorm, gelu) as GPT-2; rope + rmsnorm + swiglu as Llama, "
@@ -188,8 +188,18 @@ def chat_template_jinja(template, tok, specials):
 
 def export(cfg):
     from transformers import GenerationConfig
-    if os.path.exists(cfg.to) and os.listdir(cfg.to) and not cfg.overwrite:
-        raise UserError(f"{cfg.to} exists and is not empty; pick another --to or pass --overwrite")
+    run, to = os.path.realpath(cfg.out_dir), os.path.realpath(cfg.to)
+    if os.path.commonpath([run, to]) in (run, to):  # --overwrite would delete the run's checkpoints and log
+        raise UserError(f"--to={cfg.to} overlaps the run {cfg.out_dir} (is it, inside it or holds it); "
+                        "export to a folder outside it")
+    if os.path.exists(cfg.to) and not os.path.isdir(cfg.to):
+        raise UserError(f"--to={cfg.to} is a file; give a folder")
+    if os.path.isdir(cfg.to) and os.listdir(cfg.to):
+        if not cfg.overwrite:
+            raise UserError(f"{cfg.to} exists and is not empty; pick another --to or pass --overwrite")
+        if not {"config.json", "model.safetensors"} <= set(os.listdir(cfg.to)):  # --overwrite deletes the folder
+            raise UserError(f"{cfg.to} is not an earlier export (no config.json and model.safetensors); "
+                            "--overwrite replaces only an export: pick another --to")
     checkpoint = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
     c = GPTConfig(**checkpoint["model_config"])
     arch = architecture(c)
@@ -304,9 +314,15 @@ def load_hf(folder):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise UserError(f"{folder} has no config.json: give a local Hugging Face model folder")
-    hf_cfg = AutoConfig.from_pretrained(folder)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(folder)
+    except Exception as e:  # transformers raises OSError, ValueError and its own errors for a broken config.json
+        raise UserError(f"{folder}/config.json does not load ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from e
     c, arch = gpt_config_from_hf(hf_cfg), hf_cfg.model_type
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except OSError as e:  # no model.safetensors (or pytorch_model.bin) in the folder
+        raise UserError(f"{folder}: {str(e).strip().splitlines()[0]}") from e
     theirs, model = hf.state_dict(), GPT(c)
     new = {}
     for key, target in model.state_dict().items():
@@ -332,6 +348,8 @@ def load_hf(folder):
 
 def import_hf(cfg):
     path = os.path.join(cfg.to_run, "ckpt.pt")
+    if os.path.exists(cfg.to_run) and not os.path.isdir(cfg.to_run):
+        raise UserError(f"--to_run={cfg.to_run} is a file; give a run directory")
     if os.path.exists(path) and not cfg.overwrite:
         raise UserError(f"{path} exists; pick another --to_run or pass --overwrite")
     model, info = load_hf(cfg.from_hf)

@@ -107,7 +107,7 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"{path} is corrupted or incomplete and cannot be loaded ({type(e).__name__}); "
                         f"best.pt beside it may still be good") from e
-    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "version" not in checkpoint:
         raise UserError(f"{path} is not a checkpoint of this code's train.py (a dict with version, model and "
                         "model_config); a Hugging Face model comes in through export.py --from_hf")
     if checkpoint.get("version") != CHECKPOINT_VERSION:

@@ -90,12 +90,15 @@ CSV_COLUMNS = {"N": ("n", "params", "parameters", "model size"), "D": ("d", "tok
 
 def read_csv(path):
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    header = {name.strip().lower(): name for name in (rows[0] if rows else {})}
+        reader = csv.DictReader(f, restval="")  # a short row's missing values read as "", not a number
+        rows = list(reader)
+        header = {name.strip().lower(): name for name in reader.fieldnames or []}  # None for an empty file
     found = {key: next((header[a] for a in aliases if a in header), None) for key, aliases in CSV_COLUMNS.items()}
     if not (found["N"] and found["loss"] and (found["D"] or found["C"])):
         raise UserError(f"{path} needs columns for N ({'/'.join(CSV_COLUMNS['N'])}), loss, and D (tokens) or C (flops); "
                         f"it has {', '.join(header.values()) or 'none'}")
+    if not rows:
+        raise UserError(f"{path} has its columns but no data rows")
     try:
         cols = {k: np.array([float(r[name]) for r in rows]) for k, name in found.items() if name}
     except ValueError as e:
@@ -308,6 +311,8 @@ def plot_isoflop(result, path):
 # ----------------------------------------------------------------------------- the subcommands
 
 def cmd_fit(cfg, paths):
+    if cfg.law_out:
+        configurator.check_writable(cfg.law_out, "law_out")
     points = load_points(paths, cfg.drop_highest)
     start = time.time()
     result = fit_law(points, cfg.huber_delta, cfg.bootstrap)
@@ -326,6 +331,7 @@ def cmd_fit(cfg, paths):
 
 
 def cmd_isoflop(cfg, paths):
+    configurator.check_writable(cfg.plot or "isoflop.png", "plot")
     result = isoflop_fit(load_points(paths, cfg.drop_highest))
     result["plot"] = cfg.plot or "isoflop.png"
     plot_isoflop(result, result["plot"])
@@ -347,10 +353,14 @@ def resolve_law(name):
         return LAWS[name]
     if not os.path.isfile(name):
         raise UserError(f"law must be approach1, {', '.join(LAWS)} or a JSON file from `fit --law_out`; {name!r} is none")
-    with open(name) as f:
-        law = json.load(f)
-    if not {"E", "A", "B", "alpha", "beta"} <= set(law):
-        raise UserError(f"{name} must hold E, A, B, alpha and beta")
+    try:
+        with open(name) as f:
+            law = json.load(f)
+    except ValueError as e:
+        raise UserError(f"{name} is not JSON ({e}); give a file written by `fit --law_out`") from e
+    keys = ("E", "A", "B", "alpha", "beta")
+    if not (isinstance(law, dict) and all(isinstance(law.get(k), (int, float)) and law[k] > 0 for k in keys)):
+        raise UserError(f"{name} must hold E, A, B, alpha and beta as positive numbers")
     return law
 
 
@@ -448,6 +458,8 @@ def cmd_sweep(cfg, argv):
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import torch
+    if cfg.plot:
+        configurator.check_writable(cfg.plot, "plot")
     own = set(ScalingConfig.__dataclass_fields__)
     passthrough = [a for a in argv if a.endswith(".py") or a[2:].partition("=")[0].replace("-", "_") not in own]
     out = sys.stderr if cfg.json else sys.stdout  # with --json, stdout holds the JSON alone
@@ -467,10 +479,11 @@ def cmd_sweep(cfg, argv):
         c, layers, width = todo[run_dir]
         os.makedirs(run_dir, exist_ok=True)
         # sweep defaults first, so that the user's own keys (a config file, --learning_rate=...) override them;
-        # one evaluation at the end (eval_interval beyond any run), short warmup for runs of a few hundred steps
+        # one evaluation at the end (eval_interval beyond any run), short warmup for runs of a few hundred steps;
+        # a run left unfinished by an interrupted sweep starts over (--overwrite)
         command = [sys.executable, os.path.join(ROOT, "train.py"), "--sample_tokens=0", "--eval_interval=1000000",
                    "--log_interval=50", "--warmup_iters=20", *passthrough, f"--out_dir={run_dir}", f"--max_flops={c}",
-                   "--max_iters=0", f"--n_layer={layers}", f"--n_embd={width}"]
+                   "--max_iters=0", f"--n_layer={layers}", f"--n_embd={width}", "--overwrite=True"]
         with open(os.path.join(run_dir, "train.log"), "w") as f:
             return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
@@ -495,6 +508,15 @@ def cmd_plan(cfg, argv):
     import torch
     import train
     from model import GPT, GPTConfig
+    for key in ("hours", "dollars", "price_per_gpu_hour"):
+        if not 0 <= getattr(cfg, key) < math.inf:
+            raise UserError(f"--{key} must be a finite number, at least 0, got {getattr(cfg, key)}")
+    for key in ("gpus", "plan_block_size"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.mfu <= 1:
+        raise UserError(f"--mfu is a fraction of the peak, from 0 (the default, 0.4) to 1, got {cfg.mfu}")
+    configurator.check_writable(cfg.plan_out, "plan_out")
     hours = cfg.hours or (cfg.dollars / (cfg.price_per_gpu_hour * cfg.gpus) if cfg.dollars and cfg.price_per_gpu_hour else 0)
     if not hours:
         raise UserError("give --hours, or --dollars with --price_per_gpu_hour")
@@ -568,3 +590,6 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -3,8 +3,16 @@ from. Speeds are not asserted: they depend on the machine and its load."""
 
 import base64
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 import bench
+from configurator import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--new_tokens=12",
         "--warmup_steps=1", "--timed_steps=2", "--repeats=1", "--prepare_mb=0.02"]
@@ -100,3 +108,22 @@ def test_speedrun_limit_stops_a_command_and_reports_how_far_it_got(tmp_path, mon
     assert run["stopped_at_limit"] and 8 <= run["seconds"] < 20
     assert 0 <= run["steps"] < 10_000_000 and run["best_val_loss"] <= run["val_loss"] + 1e-9
     assert "stopped at the limit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, message", [("--new_tokens=0", "--new_tokens must be at least 1"),
+                                             ("--timed_steps=0", "--timed_steps must be at least 1"),
+                                             ("--repeats=0", "--repeats must be at least 1"),
+                                             ("--prepare_mb=-1", "--prepare_mb must be more than 0"),
+                                             ("--json=nodir/b.json", "folder nodir does not exist")])
+def test_bad_settings_are_refused_before_any_benchmark_runs(monkeypatch, option, message):
+    monkeypatch.setattr(bench, "BENCHMARKS", {name: lambda *args: pytest.fail("a benchmark ran") for name in bench.BENCHMARKS})
+    with pytest.raises(UserError, match=message):
+        bench.main([option])
+
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    # Ctrl-C inside main (during a benchmark, say): configurator.parse, which main calls first, stands in for the work
+    code = ("import configurator, runpy\ndef interrupt(*args): raise KeyboardInterrupt\n"
+            "configurator.parse = interrupt\nrunpy.run_path('bench.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 130 and done.stderr == "interrupted\n"

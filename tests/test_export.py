@@ -178,7 +178,7 @@ def test_bad_arguments_say_what_to_give(tmp_path):
     with pytest.raises(UserError, match="give --to"):
         export.main([f"--out_dir={tmp_path}"])
     with pytest.raises(UserError, match="no checkpoint"):
-        export.main([f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}"])
+        export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
     with pytest.raises(UserError, match="no config.json"):
         export.main([f"--from_hf={tmp_path}", f"--to_run={tmp_path / 'run'}"])
 
@@ -193,3 +193,36 @@ def test_sample_py_reads_an_exported_folder_directly(tmp_path):
         sample.main([f"--out_dir={tmp_path / folder}"] + args, out=out)
         texts.append(out.getvalue())
     assert texts[0] == texts[1] and len(texts[0]) > len("ROMEO:")
+
+
+def test_export_never_deletes_the_run_or_files_that_are_not_an_export(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, **ARCHS["gpt2"])
+    for to in (run, run / "hf", tmp_path):  # the run itself, inside it, around it
+        with pytest.raises(UserError, match="overlaps the run"):
+            export.main([f"--out_dir={run}", f"--to={to}", "--overwrite"])
+    assert os.listdir(run) == ["ckpt.pt"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not an earlier export"):
+        export.main([f"--out_dir={run}", f"--to={tmp_path / 'notes'}", "--overwrite"])
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(UserError, match="is a file"):
+        export.main([f"--out_dir={run}", f"--to={tmp_path / 'file'}"])
+    for _ in range(2):  # an earlier export is replaced
+        export.main([f"--out_dir={run}", f"--to={tmp_path / 'hf'}", "--overwrite"])
+
+
+def test_a_broken_hugging_face_folder_is_one_line(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{broken")
+    with pytest.raises(UserError, match="config.json does not load"):
+        export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'run'}"])
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')  # and no weights
+    with pytest.raises(UserError, match="no file named model.safetensors"):
+        export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'run'}"])
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(UserError, match="is a file"):
+        export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'file'}"])
+    assert not os.path.exists(tmp_path / "run")

@@ -161,3 +161,41 @@ def test_bad_input_is_one_line(tmp_path):
         scaling.main(["fitt"])
     with pytest.raises(UserError, match="unknown GPU"):
         scaling.main(["mfu", "--params=1e9", "--gpu=TPU", "--mfu=0.4"])
+
+
+def test_a_law_file_that_is_not_a_law_is_one_line(tmp_path):
+    (tmp_path / "law.txt").write_text("E = 1.8\n")
+    with pytest.raises(UserError, match="is not JSON"):
+        scaling.main(["table", f"--law={tmp_path / 'law.txt'}"])
+    (tmp_path / "law.json").write_text(json.dumps(dict(scaling.LAWS["epoch"], alpha="0.35")))
+    with pytest.raises(UserError, match="positive numbers"):
+        scaling.main(["table", f"--law={tmp_path / 'law.json'}"])
+
+
+@pytest.mark.parametrize("option, message", [("--hours=-5", "--hours must be"), ("--gpus=0", "--gpus must be at least 1"),
+                                             ("--dollars=-100", "--dollars must be"), ("--mfu=1.5", "--mfu is a fraction"),
+                                             ("--price_per_gpu_hour=-2", "--price_per_gpu_hour must be")])
+def test_plan_refuses_a_bad_budget(option, message):
+    with pytest.raises(UserError, match=message):
+        scaling.main(["plan", "--gpu=H100", "--hours=1", "--dollars=100", "--price_per_gpu_hour=2", "--law=epoch", option])
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(scaling, "fit_law", lambda *args: pytest.fail("the fit ran"))
+    with pytest.raises(UserError, match="folder .*nodir does not exist"):
+        scaling.main(["fit", CHINCHILLA_CSV, f"--law_out={tmp_path / 'nodir' / 'law.json'}"])
+    with pytest.raises(UserError, match="is a folder"):
+        scaling.main(["plan", "--gpu=H100", "--hours=1", "--law=epoch", f"--plan_out={tmp_path}"])
+
+
+def test_a_csv_with_columns_but_no_rows_says_so(tmp_path):
+    with pytest.raises(UserError, match="no data rows"):
+        scaling.main(["fit", write_csv(tmp_path / "header.csv", {"params": [], "tokens": [], "loss": []})])
+
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    # Ctrl-C inside main (during a fit, say): configurator.parse, which main calls first, stands in for the work
+    code = ("import configurator, runpy\ndef interrupt(*args): raise KeyboardInterrupt\n"
+            "configurator.parse = interrupt\nrunpy.run_path('scaling.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code, "fit"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 130 and done.stderr == "interrupted\n"
