@@ -81,11 +81,14 @@ def to_messages(row):
     if turns:
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             return []  # no list of messages: valid() rejects it, so it is dropped and counted as malformed
-        roles = {"human": "user", "gpt": "assistant"}  # ShareGPT's names
-        return [dict(role=roles.get(t.get("role", t.get("from")), t.get("role", t.get("from"))),
-                     content=t.get("content", t.get("value"))) for t in turns]
+        def role(turn):  # ShareGPT's names too; a role that is not a string is left for valid() to reject
+            name = turn.get("role", turn.get("from"))
+            return {"human": "user", "gpt": "assistant"}.get(name, name) if isinstance(name, str) else name
+        return [dict(role=role(t), content=t.get("content", t.get("value"))) for t in turns]
     if "instruction" in row and "output" in row:  # Alpaca: the optional input follows the instruction
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        prompt = row["instruction"]
+        if isinstance(prompt, str) and row.get("input"):
+            prompt += f"\n\n{row['input']}"
         return [dict(role="user", content=prompt), dict(role="assistant", content=row["output"])]
     for question, answer in (("prompt", "response"), ("prompt", "completion"), ("question", "answer")):
         if question in row and answer in row:

@@ -241,13 +241,14 @@ def test_a_malformed_json_line_names_the_file_and_its_line_number(tmp_path):
 
 
 def test_messages_that_are_not_a_list_of_objects_are_counted_as_malformed(tmp_path):
-    rows = [{"messages": "hi"}, {"messages": ["hi"]}] + [{"prompt": f"q{i}", "response": f"r{i}."} for i in range(8)]
+    rows = [{"messages": "hi"}, {"messages": ["hi"]}, {"messages": [{"role": ["user"], "content": "hi"}]},
+            {"instruction": 7, "output": "seven."}] + [{"prompt": f"q{i}", "response": f"r{i}."} for i in range(8)]
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(map(json.dumps, rows)))
     said = []
     cfg = sft.SFTConfig(sources=str(path), identity_rate=0.0, val_fraction=0.25)
     train_set, val_set = sft.load_conversations(cfg, 0, random.Random(0), said.append)
-    assert len(train_set) + len(val_set) == 8 and "10 conversations, 2 malformed" in said[0]
+    assert len(train_set) + len(val_set) == 8 and "12 conversations, 4 malformed" in said[0]
 
 
 def test_the_demo_exam_skips_questions_longer_than_the_context(tmp_path):
