@@ -498,8 +498,8 @@ def main(argv=None):
         raise UserError(f"--on_decode_error must be replace or fail, not {cfg.on_decode_error!r}")
     if cfg.num_workers < 0:
         raise UserError(f"--num_workers must be 0 (one per CPU) or more, not {cfg.num_workers}")
-    if not cfg.dataset.strip():
-        raise UserError("--dataset must not be empty: it names the output folder, data/<dataset>/")
+    if not cfg.dataset.strip() or os.path.basename(cfg.dataset) != cfg.dataset or cfg.dataset in (".", ".."):
+        raise UserError(f"--dataset must be a plain folder name, data/<dataset>/, not {cfg.dataset!r}")
     if cfg.tokenizer == "sp" and cfg.sp_model_type not in ("bpe", "unigram"):
         raise UserError(f"--sp_model_type must be bpe or unigram, not {cfg.sp_model_type!r}")
     if cfg.tokenizer == "sp" and cfg.sp_vocab_size <= SP_FIXED_PIECES:

@@ -298,7 +298,9 @@ def test_a_file_that_is_not_ranks_is_one_line(workdir):
 def test_bad_settings_are_one_line_and_write_nothing(workdir):
     (workdir / "corpus.txt").write_text("the quick brown fox\n" * 200)
     for args, message in [(["--num_workers=-1"], r"--num_workers must be 0 \(one per CPU\) or more, not -1"),
-                          (["--dataset="], "--dataset must not be empty"),
+                          (["--dataset="], "--dataset must be a plain folder name"),
+                          (["--dataset=../elsewhere"], "--dataset must be a plain folder name, data/<dataset>/, not '../elsewhere'"),
+                          (["--dataset=.."], "--dataset must be a plain folder name"),
                           (["--tokenizer=sp", "--sp_vocab_size=-5"], "--sp_vocab_size must be more than 259"),
                           # SentencePiece's own message named its --character_coverage, which prepare.py lacks
                           (["--tokenizer=sp", "--sp_vocab_size=270"],
