@@ -116,6 +116,8 @@ class TiktokenTokenizer:
             if missing:
                 raise UserError(f"{name} is not a byte-level BPE: its ranks must include all 256 single bytes, "
                                 f"but {len(missing)} have no rank, {missing[0]!r} among them")
+            if sorted(ranks.values()) != list(range(len(ranks))):  # the end-of-text token takes id len(ranks)
+                raise UserError(f"{name}: the ranks must be numbered 0 to {len(ranks) - 1}, each once")
             self.enc = tiktoken.Encoding(name=spec.get("ranks_file", "ranks"), pat_str=GPT2_PATTERN,
                                          mergeable_ranks=ranks, special_tokens={EOT_TEXT: len(ranks)})
         self.vocab_size, self.eot_id = self.enc.n_vocab, self.enc.eot_token

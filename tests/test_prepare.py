@@ -284,6 +284,16 @@ def test_ranks_without_every_single_byte_are_one_line_not_a_panic(workdir):
         assert not os.path.exists("data")
 
 
+def test_ranks_numbered_with_a_gap_are_refused_so_that_no_id_is_taken_twice(workdir):
+    (workdir / "corpus.txt").write_text("the quick brown fox\n" * 200)
+    tokens = [bytes([i]) for i in range(256)] + [b"th"]
+    (workdir / "gap.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {rank + (rank == 256)}\n"
+                                                  for rank, t in enumerate(tokens)))  # "th" at 257: EOT's id
+    with pytest.raises(UserError, match="gap.tiktoken: the ranks must be numbered 0 to 256, each once"):
+        prepare.main(["--source=corpus.txt", "--dataset=d", "--tokenizer=gap.tiktoken"])
+    assert not os.path.exists("data")
+
+
 def test_a_file_that_is_not_ranks_is_one_line(workdir):
     (workdir / "corpus.txt").write_text("the quick brown fox\n" * 200)
     (workdir / "model.bin").write_bytes(bytes(range(256)) * 4)
