@@ -341,6 +341,9 @@ def main(argv):
             raise UserError(f"--{key} must be at least 0, got {getattr(cfg, key)}")
     if not cfg.prepare_mb > 0:
         raise UserError(f"--prepare_mb must be more than 0, got {cfg.prepare_mb}")
+    for name in filter(None, cfg.prepare_tokenizers.split(",") if "prepare" in names else []):
+        if name not in ("char", "sp", "gpt2") and not os.path.isfile(name):  # gpt2 offline is an n/a row, not this
+            raise UserError(f"--prepare_tokenizers: {name!r} is neither char, sp, gpt2 nor a ranks file")
     if cfg.json:
         configurator.check_writable(cfg.json, "json")
     device = pick_device(tcfg.device)

@@ -114,7 +114,8 @@ def test_speedrun_limit_stops_a_command_and_reports_how_far_it_got(tmp_path, mon
                                              ("--timed_steps=0", "--timed_steps must be at least 1"),
                                              ("--repeats=0", "--repeats must be at least 1"),
                                              ("--prepare_mb=-1", "--prepare_mb must be more than 0"),
-                                             ("--json=nodir/b.json", "folder nodir does not exist")])
+                                             ("--json=nodir/b.json", "folder nodir does not exist"),
+                                             ("--prepare_tokenizers=char,bogus", "'bogus' is neither char, sp, gpt2")])
 def test_bad_settings_are_refused_before_any_benchmark_runs(monkeypatch, option, message):
     monkeypatch.setattr(bench, "BENCHMARKS", {name: lambda *args: pytest.fail("a benchmark ran") for name in bench.BENCHMARKS})
     with pytest.raises(UserError, match=message):
