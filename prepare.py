@@ -403,6 +403,13 @@ def encoded(cfg, spec, dtype, documents):
 class Progress:
     def __init__(self, total_bytes):
         self.total, self.start, self.last = total_bytes, time.time(), 0.0
+        self.line_open = False  # a line rewritten in place with \r, not yet ended
+
+    def end_line(self):
+        """End an unfinished progress line, so that a message printed next (an error) starts its own."""
+        if self.line_open:
+            print(file=sys.stderr)
+            self.line_open = False
 
     def update(self, counts, final=False):
         now = time.time()
@@ -416,6 +423,7 @@ class Progress:
         if self.total and not final:
             line += f", ETA {max(self.total - nbytes, 0) / max(nbytes / elapsed, 1):.0f}s"
         print("\r" + line + ("\n" if final else ""), end="", file=sys.stderr, flush=True)
+        self.line_open = not final
 
 
 # ----------------------------------------------------------------------------- output
@@ -462,12 +470,16 @@ def write_dataset(cfg, documents, total_bytes, data_dir, temp_files, replaced):
     progress = Progress(total_bytes)
     replaced[0] = 0  # count the encoding pass only: the tokenizer's own pass read the same bytes
     with outputs["train"], outputs["val"]:
-        for result in encoded(cfg, spec, dtype, documents):
-            for split, (ids, nbytes, docs) in result.items():
-                ids.tofile(outputs[split])
-                for key, n in (("tokens", len(ids)), ("bytes", nbytes), ("documents", docs)):
-                    counts[split][key] += n
-            progress.update(counts)
+        try:
+            for result in encoded(cfg, spec, dtype, documents):
+                for split, (ids, nbytes, docs) in result.items():
+                    ids.tofile(outputs[split])
+                    for key, n in (("tokens", len(ids)), ("bytes", nbytes), ("documents", docs)):
+                        counts[split][key] += n
+                progress.update(counts)
+        except BaseException:  # an error or Ctrl-C midway
+            progress.end_line()
+            raise
     progress.update(counts, final=True)
     empty = [split for split in SPLITS if counts[split]["tokens"] == 0]
     if empty:

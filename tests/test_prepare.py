@@ -360,3 +360,21 @@ def test_ctrl_c_is_one_line_and_keeps_the_old_data(workdir):
     assert result.returncode == 130 and result.stderr == "interrupted; nothing was written over\n"
     assert prepare.load_meta("data/d") == before
     assert sorted(os.listdir("data/d")) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_an_error_midway_starts_its_own_line_after_the_progress_line(workdir, monkeypatch, capsys):
+    (workdir / "corpus.txt").write_text("the quick brown fox\n" * 200)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 500)  # several batches from a small corpus
+    real_encode, calls = prepare.encode_batch, []
+
+    def fail_on_the_second_batch(batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise UserError("the second batch failed")
+        return real_encode(batch)
+
+    monkeypatch.setattr(prepare, "encode_batch", fail_on_the_second_batch)
+    with pytest.raises(UserError, match="the second batch failed"):
+        prepare.main(["--source=corpus.txt", "--dataset=d", "--num_workers=1"])
+    err = capsys.readouterr().err
+    assert "documents" in err and err.endswith("\n")  # the progress line was printed, and ended
