@@ -201,13 +201,16 @@ def decoding(device, threads=0):
 
 def load(cfg):
     path = os.path.join(cfg.out_dir, cfg.ckpt)
-    # either file marks a Hugging Face folder, so that one with the other missing or broken says so
+    # either file marks a Hugging Face folder, so that one with the other missing or broken says so; a train.py
+    # run has a config.json too, but also its log
     hf_folder = any(os.path.isfile(os.path.join(cfg.out_dir, name)) for name in ("config.json", "model.safetensors"))
-    if not os.path.isfile(path) and hf_folder:
+    run_folder = os.path.isfile(os.path.join(cfg.out_dir, "log.jsonl"))
+    if not os.path.isfile(path) and hf_folder and not run_folder:
         checkpoint = hf_checkpoint(cfg.out_dir)
     elif not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir (and --ckpt) at a run "
-                        "or an exported Hugging Face folder")
+        found = sorted(name for name in os.listdir(cfg.out_dir) if name.endswith(".pt")) if run_folder else []
+        raise UserError(f"no checkpoint at {path}" + (f" (the run has {', '.join(found)}): check --ckpt" if found else
+                        ": train one with train.py, or point --out_dir (and --ckpt) at a run or an exported Hugging Face folder"))
     else:
         checkpoint = load_checkpoint(path)
     device = pick_device(cfg.device)

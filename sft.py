@@ -405,6 +405,9 @@ def main(argv):
     resume = overrides.get("resume", False)
     # a resumed run takes its architecture, tokenizer and learning rates from its own checkpoint
     start = load_checkpoint(os.path.join(out_dir, "ckpt.pt")) if resume else load_init(init_from)
+    if resume and start.get("dataset") != sft.sources:  # its data position counts rows packed from those sources
+        raise UserError(f"--resume: {out_dir} was fine-tuned on --sources={start.get('dataset')}, not {sft.sources}; "
+                        "resume with the same sources, or start a new run in another out_dir")
     if not resume and "chat_template" in start:
         say(f"note: {init_from} is already fine-tuned; fine-tuning it again")
     pretrained = start["config"]

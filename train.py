@@ -127,6 +127,13 @@ def make_optimizers(model, cfg, device):
     return optimizers
 
 
+def same_tokens(a, b, probe_ids=4096):
+    """Whether two tokenizers give the same ids the same text, judged on their first ids (a spec alone can
+    differ in form: a Hugging Face import spells GPT-2's BPE out as ranks where prepare.py names tiktoken's)."""
+    ids = range(min(a.vocab_size, probe_ids))
+    return a.vocab_size == b.vocab_size and [a.decode([i]) for i in ids] == [b.decode([i]) for i in ids]
+
+
 def check_config(cfg):
     """Settings that would stop a run midway, or quietly do nothing, refused before anything is written."""
     at_least = dict(batch_size=1, eval_interval=1, eval_iters=1, log_interval=1, nan_patience=1,
@@ -202,6 +209,8 @@ def to_device(x, y, device):
 def main(argv):
     overrides = configurator.parse(argv, TrainConfig, GPTConfig)
     cfg = configurator.build(TrainConfig, overrides)
+    if cfg.init_from and cfg.resume:
+        raise UserError("--init_from and --resume together: --resume continues out_dir's run from its own weights; drop one")
     return launch(cfg, overrides, init=load_init(cfg.init_from) if cfg.init_from and not cfg.resume else None)
 
 
@@ -274,6 +283,9 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
             say(f"note: the model is the checkpoint's; {', '.join(ignored)} from this command not used")
     else:
         model_cfg = build_model_config(cfg, overrides, data.vocab_size)
+    if init and init.get("tokenizer") and not same_tokens(load_tokenizer(init["tokenizer"]), tokenizer):
+        raise UserError(f"init_from's tokenizer is not this data's (data/{cfg.dataset}): its token ids would mean other "
+                        "text; prepare the data with the model's tokenizer")
     if init and data.vocab_size > model_cfg.vocab_size:
         raise UserError(f"the data's vocabulary ({data.vocab_size}) is larger than the starting model's embedding "
                         f"table ({model_cfg.vocab_size}): prepare the data with the model's tokenizer")
@@ -300,6 +312,11 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
     budgets = [cfg.max_iters, cfg.max_tokens // batch_tokens, int(cfg.max_flops // flops_per_step)]
     budget_set = [cfg.max_iters, cfg.max_tokens, cfg.max_flops]
     total_steps = min((b for b, s in zip(budgets, budget_set) if s), default=0)
+    too_small = [(name, value) for name, value, steps in zip(("max_iters", "max_tokens", "max_flops"), budget_set, budgets)
+                 if value and not steps]
+    if too_small:
+        raise UserError(f"{too_small[0][0]}={too_small[0][1]:g} is less than one step ({batch_tokens:,} tokens, "
+                        f"{flops_per_step:.3g} FLOPs per step)")
     if not total_steps and not cfg.max_seconds:
         raise UserError("no budget: set max_iters, max_tokens, max_flops or max_seconds")
 

@@ -261,6 +261,10 @@ def test_each_bad_input_is_one_clear_line(tmp_path, capsys):
     run = write_run(tmp_path / "run")
     with pytest.raises(UserError, match="no checkpoint at .*empty/ckpt.pt"):
         run_sample(f"--out_dir={tmp_path / 'empty'}")
+    for name in ("config.json", "log.jsonl"):  # what train.py writes beside ckpt.pt; not a Hugging Face folder
+        (tmp_path / "run" / name).write_text("{}\n")
+    with pytest.raises(UserError, match=r"no checkpoint at .*run/best.pt \(the run has ckpt.pt\): check --ckpt"):
+        run_sample(f"--out_dir={run}", "--ckpt=best.pt")
     write_run(tmp_path / "old", version=0)
     with pytest.raises(UserError, match="checkpoint version 0, this code reads version 1"):
         run_sample(f"--out_dir={tmp_path / 'old'}")

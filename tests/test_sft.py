@@ -310,6 +310,8 @@ def test_resume_continues_with_the_fine_tuning_learning_rate(base_run):
     # 10% of the pretraining peak once, not again on resume, on the same schedule
     assert max(straight.values()) == pytest.approx(0.1 * 3e-3)
     assert resumed[10] == pytest.approx(straight[10]) and resumed[7] == pytest.approx(straight[7])
+    with pytest.raises(UserError, match="--resume: resumed was fine-tuned on --sources=chat.jsonl, not demo"):
+        sft.main([a for a in args if not a.startswith("--sources")] + ["--max_iters=12", "--out_dir=resumed", "--resume"])
 
 
 def test_epochs_set_the_step_budget_from_the_packed_rows(base_run, capsys):

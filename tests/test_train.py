@@ -176,6 +176,12 @@ def test_wandb_without_its_package_is_one_clear_line_before_anything_is_written(
     assert not os.path.exists("run")
 
 
+def test_a_budget_smaller_than_one_step_says_so(tiny_data):
+    with pytest.raises(UserError, match=r"max_flops=1 is less than one step \(256 tokens, .* FLOPs per step\)"):
+        train.main(TINY + ["--out_dir=run", "--max_iters=0", "--max_flops=1"])
+    assert not os.path.exists("run")
+
+
 def test_flop_budget_stops_within_one_step(tiny_data):
     net = model_module.GPT(model_module.GPTConfig(**{**model_module.PRESETS["classic"], "n_layer": 2, "n_head": 2,
                                                      "n_embd": 32, "block_size": 32, "vocab_size": 64}))
@@ -260,6 +266,14 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimizer(tiny_
     assert runtime.load_checkpoint("second/ckpt.pt")["state"]["step"] == 4
     with pytest.raises(UserError, match="init_from: no checkpoint at nowhere"):
         train.main(TINY + ["--out_dir=third", "--init_from=nowhere"])
+    with pytest.raises(UserError, match="--init_from and --resume together"):
+        train.main(TINY + ["--out_dir=second", "--init_from=first", "--resume"])
+    with open("digits.txt", "w") as f:  # a char vocabulary of its own: the same ids would mean other characters
+        f.write("0123456789 +-=\n" * 2000)
+    prepare.main(["--source=digits.txt", "--dataset=digits", "--tokenizer=char"])
+    with pytest.raises(UserError, match="init_from's tokenizer is not this data's .data/digits."):
+        train.main(TINY + ["--out_dir=fourth", "--init_from=first", "--dataset=digits", "--max_iters=2"])
+    assert not os.path.exists("fourth")
 
 
 def test_a_run_directory_that_holds_a_run_is_never_overwritten_by_mistake(tiny_data):
