@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import difflib
 import os
+import sys
 import types
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -113,3 +114,22 @@ def check_writable(path, key):
         raise UserError(f"--{key}={path} is a folder; give a file name")
     if not os.path.isdir(os.path.dirname(path) or "."):
         raise UserError(f"--{key}={path}: folder {os.path.dirname(path)} does not exist; create it or pick another path")
+
+
+def run_script(main):
+    """Every script's command line: main(sys.argv[1:]), where a UserError is its one line (exit 1), Ctrl-C exits
+    130, and a reader that leaves early (`... | head`) ends it quietly. train.py and sft.py return the signal
+    that stopped their run: the exit code is the shell's for it (130 for Ctrl-C), so `train.py && sft.py` stops."""
+    try:
+        stopped_by = main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would fail on the same pipe: stdout goes to devnull first
+        # (Python docs, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(128 + stopped_by if isinstance(stopped_by, int) and stopped_by else 0)

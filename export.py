@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -374,7 +373,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    configurator.run_script(main)

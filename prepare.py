@@ -556,11 +556,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # main's finally blocks have removed the temporary files; old files are untouched
-        print("interrupted; nothing was written over", file=sys.stderr)
-        sys.exit(130)
+    configurator.run_script(main)

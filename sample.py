@@ -324,14 +324,4 @@ def main(argv, out=sys.stdout):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:
-        # The reader left (python sample.py ... | head): stop quietly. Python flushes stdout again at exit,
-        # which would fail on the same pipe, so stdout goes to devnull first (Python docs, "Note on SIGPIPE").
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    configurator.run_script(main)

@@ -31,7 +31,6 @@ import math
 import os
 import random
 import re
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -469,8 +468,4 @@ def say(*args):
 
 
 if __name__ == "__main__":
-    try:
-        stopped_by = main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    sys.exit(128 + stopped_by if stopped_by else 0)  # as train.py: 130 after Ctrl-C
+    configurator.run_script(main)

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 
@@ -569,9 +568,4 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
 
 
 if __name__ == "__main__":
-    try:
-        stopped_by = main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    # the shell's code for a process ended by that signal (130 for Ctrl-C), so that `train.py && sft.py` stops
-    sys.exit(128 + stopped_by if stopped_by else 0)
+    configurator.run_script(main)

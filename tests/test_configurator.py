@@ -1,5 +1,7 @@
-"""The configuration convention: config files, --key=value, types, unknown keys."""
+"""The configuration convention: config files, --key=value, types, unknown keys; and the scripts' exit codes."""
 
+import signal
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -63,3 +65,32 @@ def test_missing_or_broken_config_file(tmp_path):
         configurator.parse([str(broken)], DemoConfig)
     with pytest.raises(UserError, match="unexpected argument"):
         configurator.parse(["max_iters=3"], DemoConfig)
+
+
+@pytest.mark.parametrize("outcome, code", [
+    (lambda: None, 0),
+    (lambda: {"meta": 1}, 0),           # prepare.py and bench.py return their results
+    (lambda: signal.SIGINT, 130),       # train.py and sft.py return the signal that stopped the run
+    (lambda: signal.SIGTERM, 143),      # 128 + 15, as the shell reports it
+])
+def test_a_script_exits_with_the_code_of_the_signal_that_stopped_it(monkeypatch, capsys, outcome, code):
+    monkeypatch.setattr(sys, "argv", ["x.py", "--a=1"])
+    with pytest.raises(SystemExit) as exit:
+        configurator.run_script(lambda argv: outcome())
+    assert (exit.value.code or 0) == code and capsys.readouterr().err == ""
+
+
+def test_a_script_s_bad_input_and_ctrl_c_are_one_line(monkeypatch, capsys):
+    def fails(argv):
+        raise UserError(f"bad {argv[0]}")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["x.py", "--a=1"])
+    with pytest.raises(SystemExit) as exit:
+        configurator.run_script(fails)
+    assert exit.value.code == "error: bad --a=1"  # sys.exit prints it to stderr and exits 1
+    with pytest.raises(SystemExit) as exit:
+        configurator.run_script(interrupted)
+    assert exit.value.code == 130 and capsys.readouterr().err == "interrupted\n"

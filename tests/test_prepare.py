@@ -357,7 +357,7 @@ def test_ctrl_c_is_one_line_and_keeps_the_old_data(workdir):
                              "--pretokenize=ctrl_c:press"], capture_output=True, text=True, timeout=60,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(workdir)})
     assert os.path.exists("pressed")
-    assert result.returncode == 130 and result.stderr == "interrupted; nothing was written over\n"
+    assert result.returncode == 130 and result.stderr == "interrupted\n"
     assert prepare.load_meta("data/d") == before
     assert sorted(os.listdir("data/d")) == ["meta.json", "train.bin", "val.bin"]
 
