@@ -333,12 +333,8 @@ def main(argv):
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise UserError(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    for key in ("repeats", "new_tokens", "timed_steps"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
-    for key in ("warmup_steps", "profile_steps", "speedrun_target", "speedrun_limit"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"--{key} must be at least 0, got {getattr(cfg, key)}")
+    configurator.check_at_least(cfg, repeats=1, new_tokens=1, timed_steps=1, warmup_steps=0, profile_steps=0,
+                                speedrun_target=0, speedrun_limit=0)
     if not cfg.prepare_mb > 0:
         raise UserError(f"--prepare_mb must be more than 0, got {cfg.prepare_mb}")
     for name in filter(None, cfg.prepare_tokenizers.split(",") if "prepare" in names else []):

@@ -108,6 +108,13 @@ def build(config_class, overrides, **base):
     return config_class(**{**base, **{k: v for k, v in overrides.items() if k in names}})
 
 
+def check_at_least(cfg, **lowest):
+    """Refuse, before any work, a setting below the lowest value that makes sense for it."""
+    for key, low in lowest.items():
+        if getattr(cfg, key) < low:
+            raise UserError(f"--{key} must be at least {low}, got {getattr(cfg, key)}")
+
+
 def check_writable(path, key):
     """Refuse an output path that cannot be written before the work, not after it."""
     if os.path.isdir(path):

@@ -511,9 +511,7 @@ def cmd_plan(cfg, argv):
     for key in ("hours", "dollars", "price_per_gpu_hour"):
         if not 0 <= getattr(cfg, key) < math.inf:
             raise UserError(f"--{key} must be a finite number, at least 0, got {getattr(cfg, key)}")
-    for key in ("gpus", "plan_block_size"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
+    configurator.check_at_least(cfg, gpus=1, plan_block_size=1)
     if not 0 <= cfg.mfu <= 1:
         raise UserError(f"--mfu is a fraction of the peak, from 0 (the default, 0.4) to 1, got {cfg.mfu}")
     configurator.check_writable(cfg.plan_out, "plan_out")

@@ -92,8 +92,7 @@ DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
 def build_model_config(cfg, overrides, vocab_size):
     if cfg.preset not in PRESETS:
         raise UserError(f"preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
-    if cfg.vocab_multiple < 1:
-        raise UserError(f"vocab_multiple must be at least 1, got {cfg.vocab_multiple}")
+    configurator.check_at_least(cfg, vocab_multiple=1)
     padded = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
     try:
         return configurator.build(GPTConfig, overrides, **{**PRESETS[cfg.preset], **DEFAULT_MODEL}, vocab_size=padded)
@@ -135,12 +134,9 @@ def same_tokens(a, b, probe_ids=4096):
 
 def check_config(cfg):
     """Settings that would stop a run midway, or quietly do nothing, refused before anything is written."""
-    at_least = dict(batch_size=1, eval_interval=1, eval_iters=1, log_interval=1, nan_patience=1,
-                    batch_tokens=0, warmup_iters=0, max_iters=0, max_tokens=0, max_flops=0, max_seconds=0,
-                    early_stop_patience=0, target_loss=0, sample_tokens=0, max_rollbacks=0, grad_clip=0)
-    for name, low in at_least.items():
-        if getattr(cfg, name) < low:
-            raise UserError(f"{name} must be at least {low}, got {getattr(cfg, name)}")
+    configurator.check_at_least(cfg, batch_size=1, eval_interval=1, eval_iters=1, log_interval=1, nan_patience=1,
+                                batch_tokens=0, warmup_iters=0, max_iters=0, max_tokens=0, max_flops=0, max_seconds=0,
+                                early_stop_patience=0, target_loss=0, sample_tokens=0, max_rollbacks=0, grad_clip=0)
     if cfg.lr_schedule not in ("cosine", "wsd"):
         raise UserError(f"lr_schedule must be cosine or wsd, got {cfg.lr_schedule!r}")
     if not 0 < cfg.decay_fraction <= 1:
