@@ -70,7 +70,7 @@ from model import GPT, GPTConfig, PRESETS, sample_token
 from sample import SampleConfig
 from tokenizer import CharTokenizer, load_tokenizer
 from runtime import compile_wanted, peak_flops, pick_device, precision
-from train import TrainConfig, build_model_config, make_optimizers
+from train import MODEL_KEYS, TrainConfig, build_model_config, make_optimizers
 
 
 @dataclass
@@ -91,7 +91,6 @@ class BenchConfig:
 
 
 GENERATION_MODEL = dict(PRESETS["classic"], bias=False, n_layer=6, n_head=6, n_embd=384, block_size=1024, vocab_size=65)
-MODEL_KEYS = {f.name for f in dataclasses.fields(GPTConfig)} | {"preset"}
 
 
 def timed(fn, device):

@@ -85,6 +85,7 @@ class TrainConfig:
 # With no config file train.py trains this small model on the Shakespeare default. Config files
 # and --key=value set any GPTConfig field (n_layer, n_embd, block_size, mlp, moe_experts, ...).
 DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
+MODEL_KEYS = {f.name for f in dataclasses.fields(GPTConfig)} | {"preset"}  # the keys that shape the model
 
 
 # ----------------------------------------------------------------------------- setup
@@ -255,8 +256,6 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
     tokenizer = load_tokenizer(data.checkpoint_fields["tokenizer"])
     ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if cfg.resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; check --out_dir, or train without --resume first")
     if not cfg.resume and not cfg.overwrite and os.path.exists(ckpt_path):
         raise UserError(f"{cfg.out_dir} already holds a run (ckpt.pt): --resume continues it, --overwrite=True starts "
                         "it over, or choose another --out_dir")
@@ -273,7 +272,7 @@ def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
                         "the same data; to train on new data start from it with --init_from instead")
     if resumed or init:  # the architecture is the checkpoint's; the training settings are this command's
         model_cfg = GPTConfig(**(resumed or init)["model_config"])
-        ignored = sorted(overrides.keys() & ({f.name for f in dataclasses.fields(GPTConfig)} | {"preset"}))
+        ignored = sorted(overrides.keys() & MODEL_KEYS)
         if ignored:
             say(f"note: the model is the checkpoint's; {', '.join(ignored)} from this command not used")
     else:
