@@ -6,7 +6,10 @@
     torchrun --standalone --nproc_per_node=8 train.py config/gpt_350m.py
 
 Reads data/<dataset>/ written by prepare.py; writes out_dir/ckpt.pt (latest), best.pt (best
-validation loss), config.json and log.jsonl as ../shared/DESIGN.md specifies.
+validation loss), config.json and log.jsonl.
+
+Read main, launch and train first: they are the story. setup() below them makes every check and
+resolves every setting before anything is written; the plumbing the loop calls by name comes after it.
 """
 
 import contextlib
@@ -76,7 +79,7 @@ class TrainConfig:
     # system
     device: str = "auto"               # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"                # "auto": bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU
-    compile: str = "auto"              # "auto" compiles on CUDA only: on this CPU it did not pay (see README)
+    compile: str = "auto"              # "auto" compiles on CUDA only: at CPU sizes its per-step overhead did not pay
     fsdp: bool = False                 # shard parameters and optimizer state over processes (FSDP2) instead of DDP
     peak_tflops: float = 0.0           # peak dense bf16 TFLOP/s per device for MFU; 0 = look it up by GPU name
     seed: int = 1337
@@ -88,7 +91,238 @@ DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
 MODEL_KEYS = {f.name for f in dataclasses.fields(GPTConfig)} | {"preset"}  # the keys that shape the model
 
 
-# ----------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------- the story
+
+def main(argv):
+    overrides = configurator.parse(argv, TrainConfig, GPTConfig)
+    cfg = configurator.build(TrainConfig, overrides)
+    if cfg.init_from and cfg.resume:
+        raise UserError("--init_from and --resume together: --resume continues out_dir's run from its own weights; drop one")
+    return launch(cfg, overrides, init=load_init(cfg.init_from) if cfg.init_from else None)
+
+
+def launch(cfg, overrides, data=None, init=None):
+    """Train in this process, alone or as one of torchrun's. `data` gives the batches (TokenData(cfg.dataset) by
+    default; sft.py passes its packed conversations); `init` is a checkpoint whose architecture and weights the
+    model starts from, with a fresh optimizer and step. Returns the signal that stopped the run, or None."""
+    device, rank, world = start_process(cfg)
+    with StopSignals() as stop:  # Ctrl-C and SIGTERM: finish the step in flight, checkpoint, return
+        run = setup(cfg, overrides, device, rank, world, data, init)
+        train(run, stop)
+        end_process(world)
+    return stop.signum
+
+
+def train(run, stop):
+    """The loop: learning rate, micro-steps of forward and backward, clipping, the optimizer step, logging,
+    evaluation and checkpoints, until a budget, a stop signal, a target loss or early stopping ends it."""
+    cfg, model, T = run.cfg, run.model, run.model_cfg.block_size
+    state = restore(run, run.resumed) if run.resumed else TrainState()
+    clock = Clock(state.elapsed)
+    if state.step == 0:
+        checkpoint(run, state, clock, evaluate_first=True)
+    nonfinite_in_a_row = 0
+    while True:
+        reason = stop_reason(run, state, stop, clock.elapsed())
+        if reason:
+            return finish(run, state, clock, reason, by_signal=stop.signum is not None)
+        set_learning_rate(run.optimizers, learning_rate_scale(state.step, progress(run, state, clock), cfg) * state.lr_scale)
+
+        # every process draws all processes' offsets from one generator and takes its share, so one process
+        # with accumulation and N processes see the same sequences
+        offsets = torch.randint(run.train_positions, (run.accum_steps * run.world, cfg.batch_size), generator=run.sampler)
+        loss_sum, moe_load = torch.zeros((), device=run.device), None
+        for micro in range(run.accum_steps):
+            x, y = to_device(*run.data.batch("train", offsets[micro * run.world + run.rank], T), run.device)
+            with gradient_sync(run, last=micro == run.accum_steps - 1), run.autocast:
+                _, loss = model(x, y)
+            run.scaler.scale(loss / run.accum_steps).backward()
+            loss_sum += loss.detach()
+            moe_load = add_load(moe_load, run.raw_model.moe_load())
+        train_loss = mean_over_processes(loss_sum, run.world).item() / run.accum_steps
+        for opt in run.optimizers:
+            run.scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or float("inf"))
+
+        # with fp16 the scaler itself skips steps whose gradients overflow; a bad loss is always ours to handle
+        if not math.isfinite(train_loss) or (not run.scaler.is_enabled() and not torch.isfinite(grad_norm)):
+            nonfinite_in_a_row += 1
+            skip_step(run, state, clock, nonfinite_in_a_row)
+            if nonfinite_in_a_row >= cfg.nan_patience:
+                state, nonfinite_in_a_row = roll_back(run, state, nonfinite_in_a_row), 0
+            continue
+        for opt in run.optimizers:
+            run.scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+        run.scaler.update()
+        balance_experts(run, moe_load)
+        nonfinite_in_a_row = 0
+        state.step += 1
+        state.tokens += run.batch_tokens
+        state.flops += run.flops_per_token * run.batch_tokens
+        clock.count(run.batch_tokens)
+
+        if state.step % cfg.log_interval == 0 or state.step == run.total_steps:
+            log_progress(run, state, clock, train_loss, grad_norm, moe_load)
+        if state.step % cfg.eval_interval == 0:
+            checkpoint(run, state, clock, evaluate_first=True)
+        agree_on_stop(run, stop)
+
+
+# ----------------------------------------------------------------------------- setup: every check, before anything is written
+
+@dataclass
+class TrainState:
+    """What changes as training goes; saved in every checkpoint, so that a resumed run continues exactly."""
+    step: int = 0                      # optimizer steps taken (skipped non-finite steps count)
+    tokens: int = 0
+    flops: float = 0.0
+    elapsed: float = 0.0               # seconds of training, summed over resumes
+    best_val_loss: float = float("inf")
+    evals_since_best: int = 0
+    lr_scale: float = 1.0              # lowered by each rollback after non-finite losses
+    rollbacks: int = 0
+
+
+@dataclass
+class Run:
+    """Everything setup() resolved. The loop reads it and changes none of it (TrainState is what changes)."""
+    cfg: TrainConfig
+    model_cfg: GPTConfig
+    data: object
+    tokenizer: object
+    model: torch.nn.Module             # what the loop calls: compiled and DDP-wrapped where that is on
+    raw_model: GPT                     # the module itself: checkpoints, samples, MoE balancing
+    optimizers: list
+    autocast: object
+    scaler: torch.amp.GradScaler
+    sampler: torch.Generator           # the training offsets' generator, saved in checkpoints
+    eval_offsets: torch.Tensor         # fixed validation batches: the same at every evaluation
+    device: torch.device
+    rank: int
+    world: int
+    train_positions: int
+    accum_steps: int
+    batch_tokens: int
+    total_steps: int                   # 0 when only max_seconds bounds the run
+    flops_per_token: int
+    peak: float | None                 # the device's peak FLOP/s for MFU, None when unknown
+    resumed: dict | None               # the checkpoint --resume continues, restored by the loop
+    log: "RunLog"
+    say: object                        # print on the first process, silent on the others
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.cfg.out_dir, "ckpt.pt")
+
+    @property
+    def best_path(self):
+        return os.path.join(self.cfg.out_dir, "best.pt")
+
+
+def setup(cfg, overrides, device, rank, world, data, init):
+    """Refuse every setting that would fail or quietly do nothing, resolve the model config, the batch and the
+    budget, build the model and its optimizers, and only then open the run directory."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    check_config(cfg)
+    data = data or TokenData(cfg.dataset)
+    tokenizer = load_tokenizer(data.checkpoint_fields["tokenizer"])
+    if not cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+        raise UserError(f"{cfg.out_dir} already holds a run (ckpt.pt): --resume continues it, --overwrite=True starts "
+                        "it over, or choose another --out_dir")
+    wandb = import_wandb() if cfg.wandb_project and rank == 0 else None
+    resumed = load_resumed(cfg, data) if cfg.resume else None
+    model_cfg = resolve_model_config(cfg, overrides, data, tokenizer, resumed or init, say)
+    T = model_cfg.block_size
+    train_positions, val_positions = data.positions("train", T), data.positions("val", T)
+    accum_steps, batch_tokens = batch_plan(cfg, T, world)
+    dtype, autocast, scaler = precision(cfg.dtype, device)
+    compile_on = compile_wanted(cfg.compile, device)
+    if world > 1 and cfg.fsdp and cfg.optimizer == "muon":
+        raise UserError("Muon needs whole matrices; with fsdp=True use optimizer=adamw")
+
+    torch.manual_seed(cfg.seed)
+    raw_model = GPT(model_cfg)
+    if init:
+        raw_model.load_state_dict(init["model"])
+    raw_model = raw_model.to(device)
+    flops_per_token = raw_model.flops_per_token()
+    total_steps = budget_steps(cfg, batch_tokens, flops_per_token * batch_tokens)
+    model, optimizers = wrap_for_training(raw_model, cfg, device, world, dtype, compile_on)
+    eval_gen = torch.Generator().manual_seed(cfg.seed)
+    eval_offsets = torch.randint(val_positions, (cfg.eval_iters, cfg.batch_size), generator=eval_gen)[rank::world]
+
+    log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), enabled=rank == 0, wandb=wandb)
+    resolved = dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(model_cfg))
+    if rank == 0:
+        open_run_dir(cfg.out_dir, resolved, log, resumed_step=resumed["state"]["step"] if resumed else None)
+        say(json.dumps(resolved, indent=1))
+    counts = raw_model.param_counts()
+    say(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active_non_embedding'] / 1e6:.2f}M active non-embedding), "
+        f"{flops_per_token / 1e6:.1f} MFLOPs/token; {batch_tokens:,} tokens/step "
+        f"({cfg.batch_size} x {T} x {world} processes x {accum_steps} accumulation); device {device}, {dtype}, compile {compile_on}")
+    peak = peak_flops(device, cfg.peak_tflops)
+    if peak is None:
+        say(f"MFU: no known peak for {device.type}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}; "
+            "set --peak_tflops to see it")
+    if wandb:
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=resolved, resume="allow")
+    return Run(cfg=cfg, model_cfg=model_cfg, data=data, tokenizer=tokenizer, model=model, raw_model=raw_model,
+               optimizers=optimizers, autocast=autocast, scaler=scaler, sampler=torch.Generator().manual_seed(cfg.seed),
+               eval_offsets=eval_offsets, device=device, rank=rank, world=world, train_positions=train_positions,
+               accum_steps=accum_steps, batch_tokens=batch_tokens, total_steps=total_steps,
+               flops_per_token=flops_per_token, peak=peak, resumed=resumed, log=log, say=say)
+
+
+def check_config(cfg):
+    """Settings that would stop a run midway, or quietly do nothing, refused before anything is written."""
+    configurator.check_at_least(cfg, batch_size=1, eval_interval=1, eval_iters=1, log_interval=1, nan_patience=1,
+                                batch_tokens=0, warmup_iters=0, max_iters=0, max_tokens=0, max_flops=0, max_seconds=0,
+                                early_stop_patience=0, target_loss=0, sample_tokens=0, max_rollbacks=0, grad_clip=0)
+    if cfg.lr_schedule not in ("cosine", "wsd"):
+        raise UserError(f"lr_schedule must be cosine or wsd, got {cfg.lr_schedule!r}")
+    if not 0 < cfg.decay_fraction <= 1:
+        raise UserError(f"decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise UserError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+
+
+def import_wandb():
+    """wandb, imported before anything is written, so that a missing package costs nothing."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_project needs the wandb package: pip install wandb (or drop --wandb_project)") from None
+    return wandb
+
+
+def load_resumed(cfg, data):
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    resumed = load_checkpoint(path)
+    if resumed["tokenizer"] != data.checkpoint_fields["tokenizer"]:
+        raise UserError(f"{path} was trained on other tokens (dataset {resumed.get('dataset')!r}): --resume needs "
+                        "the same data; to train on new data start from it with --init_from instead")
+    return resumed
+
+
+def resolve_model_config(cfg, overrides, data, tokenizer, start, say):
+    """The architecture: a checkpoint's when resuming or starting from one (the training settings stay this
+    command's), else the preset under the config's model keys, with the vocabulary padded."""
+    if not start:
+        return build_model_config(cfg, overrides, data.vocab_size)
+    model_cfg = GPTConfig(**start["model_config"])
+    ignored = sorted(overrides.keys() & MODEL_KEYS)
+    if ignored:
+        say(f"note: the model is the checkpoint's; {', '.join(ignored)} from this command not used")
+    if start is not None and not cfg.resume:  # init_from: the weights must mean this data's tokens
+        if start.get("tokenizer") and not same_tokens(load_tokenizer(start["tokenizer"]), tokenizer):
+            raise UserError(f"init_from's tokenizer is not this data's (data/{cfg.dataset}): its token ids would mean "
+                            "other text; prepare the data with the model's tokenizer")
+        if data.vocab_size > model_cfg.vocab_size:
+            raise UserError(f"the data's vocabulary ({data.vocab_size}) is larger than the starting model's embedding "
+                            f"table ({model_cfg.vocab_size}): prepare the data with the model's tokenizer")
+    return model_cfg
+
 
 def build_model_config(cfg, overrides, vocab_size):
     if cfg.preset not in PRESETS:
@@ -99,6 +333,53 @@ def build_model_config(cfg, overrides, vocab_size):
         return configurator.build(GPTConfig, overrides, **{**PRESETS[cfg.preset], **DEFAULT_MODEL}, vocab_size=padded)
     except ValueError as e:
         raise UserError(f"invalid model config: {e}") from e
+
+
+def same_tokens(a, b, probe_ids=4096):
+    """Whether two tokenizers give the same ids the same text, judged on their first ids (a spec alone can
+    differ in form: a Hugging Face import spells GPT-2's BPE out as ranks where prepare.py names tiktoken's)."""
+    ids = range(min(a.vocab_size, probe_ids))
+    return a.vocab_size == b.vocab_size and [a.decode([i]) for i in ids] == [b.decode([i]) for i in ids]
+
+
+def batch_plan(cfg, block_size, world):
+    """(micro-steps per optimizer step, tokens per optimizer step over all processes)."""
+    micro_tokens = cfg.batch_size * block_size * world
+    batch_tokens = cfg.batch_tokens or micro_tokens
+    if batch_tokens % micro_tokens:
+        raise UserError(f"batch_tokens={batch_tokens} is not a multiple of batch_size * block_size * processes = {micro_tokens}")
+    return batch_tokens // micro_tokens, batch_tokens
+
+
+def budget_steps(cfg, batch_tokens, flops_per_step):
+    """Steps until the first budget that is set (max_iters, max_tokens, max_flops); 0 when only max_seconds is."""
+    budgets = dict(max_iters=(cfg.max_iters, cfg.max_iters), max_tokens=(cfg.max_tokens, cfg.max_tokens // batch_tokens),
+                   max_flops=(cfg.max_flops, int(cfg.max_flops // flops_per_step)))
+    for name, (value, steps) in budgets.items():
+        if value and not steps:
+            raise UserError(f"{name}={value:g} is less than one step ({batch_tokens:,} tokens, "
+                            f"{flops_per_step:.3g} FLOPs per step)")
+    total_steps = min((steps for value, steps in budgets.values() if value), default=0)
+    if not total_steps and not cfg.max_seconds:
+        raise UserError("no budget: set max_iters, max_tokens, max_flops or max_seconds")
+    return total_steps
+
+
+def wrap_for_training(model, cfg, device, world, dtype, compile_on):
+    """(the model the loop calls, its optimizers): FSDP2 shards parameters before the optimizers see them;
+    compile comes next, and DDP wraps the compiled model."""
+    if world > 1 and cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    optimizers = make_optimizers(model, cfg, device)
+    if compile_on:
+        model = torch.compile(model)
+    if world > 1 and not cfg.fsdp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, optimizers
 
 
 def make_optimizers(model, cfg, device):
@@ -126,49 +407,40 @@ def make_optimizers(model, cfg, device):
     return optimizers
 
 
-def same_tokens(a, b, probe_ids=4096):
-    """Whether two tokenizers give the same ids the same text, judged on their first ids (a spec alone can
-    differ in form: a Hugging Face import spells GPT-2's BPE out as ranks where prepare.py names tiktoken's)."""
-    ids = range(min(a.vocab_size, probe_ids))
-    return a.vocab_size == b.vocab_size and [a.decode([i]) for i in ids] == [b.decode([i]) for i in ids]
+def open_run_dir(out_dir, resolved, log, resumed_step):
+    """Create out_dir, record the resolved config, and start the log (a resumed run keeps its lines up to the
+    checkpoint's step: what the interrupted run logged after it is trained again)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create out_dir {out_dir}: {e.strerror}") from None
+    write_atomically(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2))
+    log.start(resumed_step)
 
 
-def check_config(cfg):
-    """Settings that would stop a run midway, or quietly do nothing, refused before anything is written."""
-    configurator.check_at_least(cfg, batch_size=1, eval_interval=1, eval_iters=1, log_interval=1, nan_patience=1,
-                                batch_tokens=0, warmup_iters=0, max_iters=0, max_tokens=0, max_flops=0, max_seconds=0,
-                                early_stop_patience=0, target_loss=0, sample_tokens=0, max_rollbacks=0, grad_clip=0)
-    if cfg.lr_schedule not in ("cosine", "wsd"):
-        raise UserError(f"lr_schedule must be cosine or wsd, got {cfg.lr_schedule!r}")
-    if not 0 < cfg.decay_fraction <= 1:
-        raise UserError(f"decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        raise UserError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-
-
-def learning_rate_scale(step, progress, cfg):
-    """Multiplier on each optimizer's peak learning rate. `step` counts optimizer steps from 0;
-    `progress` in [0, 1] is the share of the budget spent after warmup."""
-    if step < cfg.warmup_iters:
-        return (step + 1) / cfg.warmup_iters
-    progress = min(max(progress, 0.0), 1.0)
-    if cfg.lr_schedule == "cosine":
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay = (progress - (1 - cfg.decay_fraction)) / cfg.decay_fraction  # wsd
-    return 1 - (1 - cfg.min_lr_ratio) * min(max(decay, 0.0), 1.0)
+def write_atomically(path, text):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- data
 
 class TokenData:
     """Pretraining batches: windows of block_size + 1 tokens at random offsets of data/<dataset>/{split}.bin.
-    sft.py hands run() another object with the same attributes and methods (packed, masked conversations)."""
+
+    The loop's data interface, which sft.py's PackedChats implements too: positions(split, block_size) counts
+    what can be drawn; batch(split, offsets, block_size) gives (inputs, targets) for drawn offsets (target -1
+    carries no loss); vocab_size, bytes_per_val_token (for bits per byte), checkpoint_fields (saved with the
+    model: at least the tokenizer spec), and the evaluation sample's sample_prompt, sample_stop_tokens and
+    sample_vocab_size."""
 
     def __init__(self, dataset):
         self.dir = os.path.join("data", dataset)
         self.meta = load_meta(self.dir)
         self.vocab_size = self.meta["vocab_size"]
-        self.bytes_per_val_token = self.meta["val_bytes"] / self.meta["val_tokens"]  # for bits per byte
+        self.bytes_per_val_token = self.meta["val_bytes"] / self.meta["val_tokens"]
         # samples start a new document and draw from the tokenizer's ids only, never the padding rows
         self.sample_prompt, self.sample_stop_tokens, self.sample_vocab_size = [self.meta["eot_id"]], (), self.vocab_size
         self.checkpoint_fields = dict(tokenizer=self.meta["tokenizer"], dataset=dataset)
@@ -200,366 +472,307 @@ def to_device(x, y, device):
     return x.to(device), y.to(device)
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- what the loop calls
 
-def main(argv):
-    overrides = configurator.parse(argv, TrainConfig, GPTConfig)
-    cfg = configurator.build(TrainConfig, overrides)
-    if cfg.init_from and cfg.resume:
-        raise UserError("--init_from and --resume together: --resume continues out_dir's run from its own weights; drop one")
-    return launch(cfg, overrides, init=load_init(cfg.init_from) if cfg.init_from and not cfg.resume else None)
-
-
-def launch(cfg, overrides, **run_options):
-    """Set up the process (alone, or one of torchrun's), route Ctrl-C and SIGTERM to a clean stop, and run.
-    Returns the signal that stopped the run, or None when it ended by itself."""
-    distributed = "RANK" in os.environ  # set by torchrun
-    if distributed:
-        device_type = "cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if device_type == "cuda" else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, pick_device(cfg.device)
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum  # finish the step in flight, then checkpoint and exit
-
-    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        run(cfg, overrides, device, rank, world, stop, **run_options)
-        if distributed:
-            # Tear down together: a process that left while rank 0 still wrote its checkpoint died in gloo's
-            # teardown ("terminate called without an active exception") in 1 of 12 runs here. And only after a
-            # clean finish: destroying the group while another rank is mid-collective deadlocks (torchtitan #1342).
-            dist.barrier()
-            dist.destroy_process_group()
-    finally:
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
-    return stop["signal"]
+def learning_rate_scale(step, progress, cfg):
+    """Multiplier on each optimizer's peak learning rate. `step` counts optimizer steps from 0;
+    `progress` in [0, 1] is the share of the budget spent after warmup."""
+    if step < cfg.warmup_iters:
+        return (step + 1) / cfg.warmup_iters
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.lr_schedule == "cosine":
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay = (progress - (1 - cfg.decay_fraction)) / cfg.decay_fraction  # wsd
+    return 1 - (1 - cfg.min_lr_ratio) * min(max(decay, 0.0), 1.0)
 
 
-def run(cfg, overrides, device, rank, world, stop, data=None, init=None):
-    """Train until a budget, a signal or early stopping ends the run. `data` gives the batches (by default
-    TokenData(cfg.dataset)); `init` is a checkpoint whose architecture and weights the model starts from
-    (sft.py fine-tunes a pretrained model this way; its optimizer state and step are not taken)."""
-    # imported here, not at the top: it costs half a second, and sft.py, bench.py and scaling.py import this module
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    check_config(cfg)
-    data = data or TokenData(cfg.dataset)
-    tokenizer = load_tokenizer(data.checkpoint_fields["tokenizer"])
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if not cfg.resume and not cfg.overwrite and os.path.exists(ckpt_path):
-        raise UserError(f"{cfg.out_dir} already holds a run (ckpt.pt): --resume continues it, --overwrite=True starts "
-                        "it over, or choose another --out_dir")
-    wandb = None
-    if cfg.wandb_project and master:  # imported before anything is written, so that a missing package costs nothing
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("wandb_project needs the wandb package: pip install wandb (or drop --wandb_project)") from None
+def progress(run, state, clock):
+    """The share of the budget spent after warmup: by steps, or by time under max_seconds, whichever is further."""
+    cfg = run.cfg
+    by_steps = (state.step - cfg.warmup_iters) / max(run.total_steps - cfg.warmup_iters, 1) if run.total_steps else 0.0
+    return max(by_steps, clock.elapsed() / cfg.max_seconds if cfg.max_seconds else 0.0)
 
-    resumed = load_checkpoint(ckpt_path) if cfg.resume else None
-    if resumed and resumed["tokenizer"] != data.checkpoint_fields["tokenizer"]:
-        raise UserError(f"{ckpt_path} was trained on other tokens (dataset {resumed.get('dataset')!r}): --resume needs "
-                        "the same data; to train on new data start from it with --init_from instead")
-    if resumed or init:  # the architecture is the checkpoint's; the training settings are this command's
-        model_cfg = GPTConfig(**(resumed or init)["model_config"])
-        ignored = sorted(overrides.keys() & MODEL_KEYS)
-        if ignored:
-            say(f"note: the model is the checkpoint's; {', '.join(ignored)} from this command not used")
-    else:
-        model_cfg = build_model_config(cfg, overrides, data.vocab_size)
-    if init and init.get("tokenizer") and not same_tokens(load_tokenizer(init["tokenizer"]), tokenizer):
-        raise UserError(f"init_from's tokenizer is not this data's (data/{cfg.dataset}): its token ids would mean other "
-                        "text; prepare the data with the model's tokenizer")
-    if init and data.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"the data's vocabulary ({data.vocab_size}) is larger than the starting model's embedding "
-                        f"table ({model_cfg.vocab_size}): prepare the data with the model's tokenizer")
-    T = model_cfg.block_size
-    train_positions, val_positions = data.positions("train", T), data.positions("val", T)
 
-    micro_tokens = cfg.batch_size * T * world
-    batch_tokens = cfg.batch_tokens or micro_tokens
-    if batch_tokens % micro_tokens:
-        raise UserError(f"batch_tokens={batch_tokens} is not a multiple of batch_size * block_size * processes = {micro_tokens}")
-    accum_steps = batch_tokens // micro_tokens
+def set_learning_rate(optimizers, scale):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["peak_lr"] * scale
 
-    dtype, autocast, scaler = precision(cfg.dtype, device)
 
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg)
-    if init and not resumed:
-        model.load_state_dict(init["model"])
-    model = model.to(device)
-    raw_model = model
-    counts = model.param_counts()
-    flops_per_token = model.flops_per_token()
-    flops_per_step = flops_per_token * batch_tokens
-    budgets = [cfg.max_iters, cfg.max_tokens // batch_tokens, int(cfg.max_flops // flops_per_step)]
-    budget_set = [cfg.max_iters, cfg.max_tokens, cfg.max_flops]
-    total_steps = min((b for b, s in zip(budgets, budget_set) if s), default=0)
-    too_small = [(name, value) for name, value, steps in zip(("max_iters", "max_tokens", "max_flops"), budget_set, budgets)
-                 if value and not steps]
-    if too_small:
-        raise UserError(f"{too_small[0][0]}={too_small[0][1]:g} is less than one step ({batch_tokens:,} tokens, "
-                        f"{flops_per_step:.3g} FLOPs per step)")
-    if not total_steps and not cfg.max_seconds:
-        raise UserError("no budget: set max_iters, max_tokens, max_flops or max_seconds")
+def gradient_sync(run, last):
+    """DDP averages gradients on a step's last micro-step only; the others accumulate locally."""
+    if run.world > 1 and not run.cfg.fsdp and not last:
+        return run.model.no_sync()
+    return contextlib.nullcontext()
 
-    if world > 1 and cfg.fsdp:
-        if cfg.optimizer == "muon":
-            raise UserError("Muon needs whole matrices; with fsdp=True use optimizer=adamw")
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in model.transformer.h:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-    optimizers = make_optimizers(model, cfg, device)
-    compile_on = compile_wanted(cfg.compile, device)
-    if compile_on:
-        model = torch.compile(model)
-    if world > 1 and not cfg.fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # The sampler draws every process's offsets from one generator, the same on all ranks, and each
-    # rank takes its share: 1 process with accumulation and N processes see the same sequences.
-    sampler = torch.Generator().manual_seed(cfg.seed)
-    state = dict(step=0, tokens=0, flops=0.0, elapsed=0.0, best_val_loss=float("inf"), evals_since_best=0,
-                 lr_scale=1.0, rollbacks=0)
+def mean_over_processes(value, world):
+    if world > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+    return value
 
-    def checkpoint_now():
-        model_state, optim_state = get_state_dict(raw_model, optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return dict(version=CHECKPOINT_VERSION, model=model_state, optimizers=optim_state,
-                    model_config=dataclasses.asdict(model_cfg), config=dataclasses.asdict(cfg),
-                    **data.checkpoint_fields, state=dict(state), scaler=scaler.state_dict(),
-                    rng=dict(torch=torch.get_rng_state(), sampler=sampler.get_state(),
-                             cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []))
 
-    def restore(checkpoint):
-        # full_state_dict: the checkpoint holds whole tensors, which FSDP must shard again as it loads them
-        set_state_dict(raw_model, optimizers, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizers"],
-                       options=StateDictOptions(full_state_dict=True))
-        state.update(checkpoint["state"])
-        if scaler.is_enabled() and checkpoint.get("scaler"):  # fp16's loss scale: empty when saved without fp16
-            scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        sampler.set_state(checkpoint["rng"]["sampler"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+def add_load(total, load):
+    """Tokens routed to each expert, summed over micro-steps (None for a dense model)."""
+    return load if total is None else total + load
 
-    if resumed:
-        restore(resumed)
-        say(f"resumed from {ckpt_path} at step {state['step']}")
-    if master:
-        try:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create out_dir {cfg.out_dir}: {e.strerror}") from None
-        resolved = dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(model_cfg))
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2)
-        say(json.dumps(resolved, indent=1))
-        if resumed and os.path.exists(log_path):  # drop lines the interrupted run wrote after its last checkpoint
-            with open(log_path) as f:  # a crash while appending may have left a half-written last line
-                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= state["step"]]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
-        elif not resumed:
-            open(log_path, "w").close()
-    say(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active_non_embedding'] / 1e6:.2f}M active non-embedding), "
-        f"{flops_per_token / 1e6:.1f} MFLOPs/token; {batch_tokens:,} tokens/step "
-        f"({cfg.batch_size} x {T} x {world} processes x {accum_steps} accumulation); device {device}, {dtype}, compile {compile_on}")
-    peak = peak_flops(device, cfg.peak_tflops)
-    if peak is None:
-        say(f"MFU: no known peak for {device.type}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}; "
-            "set --peak_tflops to see it")
 
-    if wandb:
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=resolved, resume="allow")
+def balance_experts(run, moe_load):
+    """DeepSeek-V3's loss-free balancing, after the optimizer step, on the load of every process."""
+    if moe_load is not None:
+        if run.world > 1:
+            dist.all_reduce(moe_load)
+        run.raw_model.update_moe_bias(moe_load)
 
-    def log(record):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb:
-                wandb.log(record, step=record["step"])
 
-    # fixed validation batches: same offsets at every evaluation, split over the processes
-    eval_gen = torch.Generator().manual_seed(cfg.seed)
-    eval_offsets = torch.randint(val_positions, (cfg.eval_iters, cfg.batch_size), generator=eval_gen)[rank::world]
+def skip_step(run, state, clock, in_a_row):
+    """A non-finite loss or gradient: no update, the step counted and logged as skipped."""
+    for opt in run.optimizers:
+        opt.zero_grad(set_to_none=True)
+    run.scaler.update()
+    state.step += 1
+    run.say(f"step {state.step}: non-finite loss or gradient, step skipped ({in_a_row} in a row)")
+    run.log.write(dict(step=state.step, skipped=True, train_loss=None, tokens=state.tokens, flops=state.flops,
+                       elapsed=clock.elapsed()))
 
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        total = torch.zeros(2, device=device)  # summed loss, number of batches
-        for offsets in eval_offsets:
-            x, y = to_device(*data.batch("val", offsets, T), device)
-            with autocast:
-                _, loss = model(x, y)
-            total += torch.stack([loss.float(), torch.ones((), device=device)])
-        if world > 1:
-            dist.all_reduce(total)
-        model.train()
-        return (total[0] / total[1]).item()
 
-    def print_sample():
-        raw_model.eval()
-        prompt = torch.tensor([data.sample_prompt], device=device)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        with autocast:
-            ids = [t.item() for t in raw_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen,
-                                                     stop_tokens=data.sample_stop_tokens, vocab_size=data.sample_vocab_size)]
-        raw_model.train()
-        prompt, reply = (tokenizer.decode([i for i in part if i < tokenizer.vocab_size]) for part in (data.sample_prompt, ids))
-        say("-" * 40 + "\n" + (prompt + "\n" if prompt else "") + reply + "\n" + "-" * 40)
+def roll_back(run, state, in_a_row):
+    """After nan_patience non-finite steps in a row: back to ckpt.pt with a lower learning rate, or stop."""
+    if state.rollbacks >= run.cfg.max_rollbacks or not os.path.exists(run.ckpt_path):
+        raise UserError(f"training diverged: {in_a_row} non-finite losses in a row at step {state.step}; "
+                        "lower learning_rate or raise warmup_iters")
+    rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * run.cfg.nan_lr_factor
+    state = dataclasses.replace(restore(run, load_checkpoint(run.ckpt_path)), rollbacks=rollbacks, lr_scale=lr_scale)
+    run.say(f"rolled back to step {state.step} from {run.ckpt_path}; learning rate now x{lr_scale:g}")
+    return state
 
-    nonfinite_in_a_row = 0
-    run_start = time.time() - state["elapsed"]
-    window_start, window_tokens = time.time(), 0
 
-    def checkpoint(evaluate_first):
-        improved = False
-        state["elapsed"] = time.time() - run_start
-        if evaluate_first:
-            val_loss = evaluate()
-            bpb = val_loss / data.bytes_per_val_token / math.log(2)
-            improved = val_loss < state["best_val_loss"]
+def stop_reason(run, state, stop, elapsed):
+    """Why the run ends before this step, or None to go on."""
+    cfg = run.cfg
+    if stop.signum is not None:
+        return f"stopped by {signal.Signals(stop.signum).name}"
+    if run.total_steps and state.step >= run.total_steps:
+        return "budget reached"
+    if cfg.max_seconds and elapsed >= cfg.max_seconds:
+        return f"time budget of {cfg.max_seconds:g}s reached"
+    if cfg.target_loss and state.best_val_loss <= cfg.target_loss:
+        return f"validation loss reached the target {cfg.target_loss:g}"
+    if cfg.early_stop_patience and state.evals_since_best >= cfg.early_stop_patience:
+        return f"validation loss has not improved for {cfg.early_stop_patience} evaluations; best.pt holds the best model"
+    return None
+
+
+def finish(run, state, clock, reason, by_signal):
+    """The last checkpoint. After a signal, no evaluation: a resumed run must carry the same state as one that
+    never stopped. Otherwise the last step is evaluated if it was not yet."""
+    if by_signal:
+        checkpoint(run, state, clock, evaluate_first=False)
+        run.say(f"{reason} at step {state.step}; continue with --resume")
+        return
+    if state.step % run.cfg.eval_interval:
+        checkpoint(run, state, clock, evaluate_first=True)
+    run.say(f"{reason} at step {state.step}")
+
+
+def agree_on_stop(run, stop):
+    """Every process must stop at the same step: a signal seen by one is taken by all."""
+    if run.world > 1:
+        flag = torch.tensor(float(stop.signum or 0), device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop.signum = int(flag.item()) or None
+
+
+# ----------------------------------------------------------------------------- evaluation, checkpoints, logs
+
+def checkpoint(run, state, clock, evaluate_first):
+    """Evaluate (and print a sample) if asked, then save ckpt.pt, and best.pt when the validation loss improved."""
+    state.elapsed = clock.elapsed()
+    improved = evaluate_first and evaluate_and_report(run, state)
+    if state.step > 0:
+        snapshot = checkpoint_snapshot(run, state)  # on every rank: with FSDP, gathering the full state is collective
+        if run.rank == 0:
+            save_checkpoint(run.ckpt_path, snapshot)
             if improved:
-                state["best_val_loss"], state["evals_since_best"] = val_loss, 0
-            else:
-                state["evals_since_best"] += 1
-            say(f"step {state['step']}: val loss {val_loss:.4f}, {bpb:.4f} bits/byte, "
-                f"perplexity {math.exp(min(val_loss, 50)):.2f}{' (best)' if improved else ''}")
-            log(dict(step=state["step"], val_loss=val_loss, val_bpb=bpb, val_ppl=math.exp(min(val_loss, 50)),
-                     tokens=state["tokens"], flops=state["flops"], elapsed=state["elapsed"]))
-            if cfg.sample_tokens:
-                print_sample()
-        if state["step"] > 0:
-            snapshot = checkpoint_now()  # on every rank: with FSDP, gathering the full state is collective
-            if master:
-                save_checkpoint(ckpt_path, snapshot)
-                if improved:
-                    save_checkpoint(best_path, snapshot)
+                save_checkpoint(run.best_path, snapshot)
 
-    if state["step"] == 0:
-        checkpoint(evaluate_first=True)
-    while True:
-        step, elapsed = state["step"], time.time() - run_start
-        if stop["signal"] is not None:
-            # no evaluation here: a resumed run must carry the same state as one that never stopped
-            checkpoint(evaluate_first=False)
-            say(f"stopped by {signal.Signals(stop['signal']).name} at step {step}; continue with --resume")
-            return
-        reason = None
-        if total_steps and step >= total_steps:
-            reason = "budget reached"
-        elif cfg.max_seconds and elapsed >= cfg.max_seconds:
-            reason = f"time budget of {cfg.max_seconds:g}s reached"
-        elif cfg.target_loss and state["best_val_loss"] <= cfg.target_loss:
-            reason = f"validation loss reached the target {cfg.target_loss:g}"
-        elif cfg.early_stop_patience and state["evals_since_best"] >= cfg.early_stop_patience:
-            reason = f"validation loss has not improved for {cfg.early_stop_patience} evaluations; best.pt holds the best model"
-        if reason:
-            if step % cfg.eval_interval:  # the last step was not evaluated yet
-                checkpoint(evaluate_first=True)
-            say(f"{reason} at step {step}")
-            return
 
-        progress = max((step - cfg.warmup_iters) / max(total_steps - cfg.warmup_iters, 1) if total_steps else 0.0,
-                       elapsed / cfg.max_seconds if cfg.max_seconds else 0.0)
-        lr_scale = learning_rate_scale(step, progress, cfg) * state["lr_scale"]
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["peak_lr"] * lr_scale
+def evaluate_and_report(run, state):
+    """Validation loss and bits per byte, logged and printed; returns whether it is the best so far."""
+    val_loss = evaluate(run)
+    bpb = val_loss / run.data.bytes_per_val_token / math.log(2)
+    improved = val_loss < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.evals_since_best = val_loss, 0
+    else:
+        state.evals_since_best += 1
+    perplexity = math.exp(min(val_loss, 50))
+    run.say(f"step {state.step}: val loss {val_loss:.4f}, {bpb:.4f} bits/byte, "
+            f"perplexity {perplexity:.2f}{' (best)' if improved else ''}")
+    run.log.write(dict(step=state.step, val_loss=val_loss, val_bpb=bpb, val_ppl=perplexity, tokens=state.tokens,
+                       flops=state.flops, elapsed=state.elapsed))
+    if run.cfg.sample_tokens:
+        print_sample(run)
+    return improved
 
-        offsets = torch.randint(train_positions, (accum_steps * world, cfg.batch_size), generator=sampler)
-        loss_sum = torch.zeros((), device=device)
-        moe_load = None
-        for micro in range(accum_steps):
-            x, y = to_device(*data.batch("train", offsets[micro * world + rank], T), device)
-            # DDP averages gradients on the last micro-step only; the others accumulate locally
-            skip_sync = world > 1 and not cfg.fsdp and micro < accum_steps - 1
-            with (model.no_sync() if skip_sync else contextlib.nullcontext()), autocast:
-                _, loss = model(x, y)
-            scaler.scale(loss / accum_steps).backward()
-            loss_sum += loss.detach()
-            load = raw_model.moe_load()
-            if load is not None:
-                moe_load = load if moe_load is None else moe_load + load
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        for opt in optimizers:
-            scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        train_loss = loss_sum.item() / accum_steps
 
-        # with fp16 the scaler itself skips steps whose gradients overflow; a bad loss is always ours to handle
-        if not math.isfinite(train_loss) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            scaler.update()
-            nonfinite_in_a_row += 1
-            state["step"] += 1
-            say(f"step {state['step']}: non-finite loss or gradient, step skipped ({nonfinite_in_a_row} in a row)")
-            log(dict(step=state["step"], skipped=True, train_loss=None, tokens=state["tokens"],
-                     flops=state["flops"], elapsed=time.time() - run_start))
-            if nonfinite_in_a_row >= cfg.nan_patience:
-                if state["rollbacks"] >= cfg.max_rollbacks or not os.path.exists(ckpt_path):
-                    raise UserError(f"training diverged: {nonfinite_in_a_row} non-finite losses in a row at step "
-                                    f"{state['step']}; lower learning_rate or raise warmup_iters")
-                rollbacks, lower_lr_scale = state["rollbacks"] + 1, state["lr_scale"] * cfg.nan_lr_factor
-                restore(load_checkpoint(ckpt_path))
-                state.update(rollbacks=rollbacks, lr_scale=lower_lr_scale)
-                nonfinite_in_a_row = 0
-                say(f"rolled back to step {state['step']} from {ckpt_path}; learning rate now x{lower_lr_scale:g}")
-            continue
+@torch.no_grad()
+def evaluate(run):
+    """The mean loss over the fixed validation batches, split over the processes."""
+    run.model.eval()
+    total = torch.zeros(2, device=run.device)  # summed loss, number of batches
+    for offsets in run.eval_offsets:
+        x, y = to_device(*run.data.batch("val", offsets, run.model_cfg.block_size), run.device)
+        with run.autocast:
+            _, loss = run.model(x, y)
+        total += torch.stack([loss.float(), torch.ones((), device=run.device)])
+    if run.world > 1:
+        dist.all_reduce(total)
+    run.model.train()
+    return (total[0] / total[1]).item()
 
-        for opt in optimizers:
-            scaler.step(opt)
-            opt.zero_grad(set_to_none=True)
-        scaler.update()
-        if moe_load is not None:
-            if world > 1:
-                dist.all_reduce(moe_load)
-            raw_model.update_moe_bias(moe_load)
-        nonfinite_in_a_row = 0
-        state["step"] += 1
-        state["tokens"] += batch_tokens
-        state["flops"] += flops_per_step
-        window_tokens += batch_tokens
 
-        if state["step"] % cfg.log_interval == 0 or state["step"] == total_steps:
-            now = time.time()
-            tok_per_sec = window_tokens / (now - window_start)
-            mfu = flops_per_token * tok_per_sec / (peak * world) if peak else None
-            state["elapsed"] = now - run_start
-            remaining = [(total_steps - state["step"]) * batch_tokens / tok_per_sec] if total_steps else []
-            remaining += [cfg.max_seconds - state["elapsed"]] if cfg.max_seconds else []
-            record = dict(step=state["step"], train_loss=train_loss, lr=optimizers[0].param_groups[0]["lr"],
-                          grad_norm=grad_norm.item(), tokens=state["tokens"], flops=state["flops"],
-                          elapsed=state["elapsed"], tok_per_sec=tok_per_sec, mfu=mfu)
-            if moe_load is not None:  # the busiest expert's load over the mean: 1.0 is perfect balance
-                record["moe_max_load"] = (moe_load.max(-1).values / moe_load.float().mean(-1)).max().item()
-            log(record)
-            say(f"step {state['step']}{f'/{total_steps}' if total_steps else ''} | loss {train_loss:.4f} | "
-                f"lr {record['lr']:.2e} | grad {record['grad_norm']:.2f} | {tok_per_sec:,.0f} tok/s | "
-                f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | eta {max(min(remaining), 0) / 60:.1f} min")
-            window_start, window_tokens = now, 0
+def print_sample(run):
+    data, model, tokenizer = run.data, run.raw_model, run.tokenizer
+    model.eval()
+    prompt = torch.tensor([data.sample_prompt], device=run.device)
+    gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
+    with run.autocast:
+        ids = [t.item() for t in model.generate(prompt, run.cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen,
+                                                 stop_tokens=data.sample_stop_tokens, vocab_size=data.sample_vocab_size)]
+    model.train()
+    prompt, reply = (tokenizer.decode([i for i in part if i < tokenizer.vocab_size]) for part in (data.sample_prompt, ids))
+    run.say("-" * 40 + "\n" + (prompt + "\n" if prompt else "") + reply + "\n" + "-" * 40)
 
-        if state["step"] % cfg.eval_interval == 0:
-            checkpoint(evaluate_first=True)
-        if world > 1:  # every process must agree to stop at the same step
-            flag = torch.tensor(float(stop["signal"] or 0), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop["signal"] = int(flag.item()) or None
+
+def checkpoint_snapshot(run, state):
+    """Everything a resumed run needs to continue exactly: weights, optimizer state, the step and counters,
+    fp16's loss scale, and every random generator's state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # half a second to import
+    model_state, optim_state = get_state_dict(run.raw_model, run.optimizers,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return dict(version=CHECKPOINT_VERSION, model=model_state, optimizers=optim_state,
+                model_config=dataclasses.asdict(run.model_cfg), config=dataclasses.asdict(run.cfg),
+                **run.data.checkpoint_fields, state=dataclasses.asdict(state), scaler=run.scaler.state_dict(),
+                rng=dict(torch=torch.get_rng_state(), sampler=run.sampler.get_state(),
+                         cuda=torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []))
+
+
+def restore(run, checkpoint):
+    """Load a checkpoint_snapshot into the model, the optimizers and the generators; return its TrainState."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    # full_state_dict: the checkpoint holds whole tensors, which FSDP must shard again as it loads them
+    set_state_dict(run.raw_model, run.optimizers, model_state_dict=checkpoint["model"],
+                   optim_state_dict=checkpoint["optimizers"], options=StateDictOptions(full_state_dict=True))
+    if run.scaler.is_enabled() and checkpoint.get("scaler"):  # fp16's loss scale: empty when saved without fp16
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    run.sampler.set_state(checkpoint["rng"]["sampler"])
+    if run.device.type == "cuda" and checkpoint["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    state = TrainState(**checkpoint["state"])
+    if checkpoint is run.resumed:
+        run.say(f"resumed from {run.ckpt_path} at step {state.step}")
+    return state
+
+
+def log_progress(run, state, clock, train_loss, grad_norm, moe_load):
+    tok_per_sec, state.elapsed = clock.throughput(), clock.elapsed()
+    mfu = run.flops_per_token * tok_per_sec / (run.peak * run.world) if run.peak else None
+    remaining = [(run.total_steps - state.step) * run.batch_tokens / tok_per_sec] if run.total_steps else []
+    remaining += [run.cfg.max_seconds - state.elapsed] if run.cfg.max_seconds else []
+    record = dict(step=state.step, train_loss=train_loss, lr=run.optimizers[0].param_groups[0]["lr"],
+                  grad_norm=grad_norm.item(), tokens=state.tokens, flops=state.flops, elapsed=state.elapsed,
+                  tok_per_sec=tok_per_sec, mfu=mfu)
+    if moe_load is not None:  # the busiest expert's load over the mean: 1.0 is perfect balance
+        record["moe_max_load"] = (moe_load.max(-1).values / moe_load.float().mean(-1)).max().item()
+    run.log.write(record)
+    run.say(f"step {state.step}{f'/{run.total_steps}' if run.total_steps else ''} | loss {train_loss:.4f} | "
+            f"lr {record['lr']:.2e} | grad {record['grad_norm']:.2f} | {tok_per_sec:,.0f} tok/s | "
+            f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | eta {max(min(remaining), 0) / 60:.1f} min")
+
+
+class RunLog:
+    """out_dir/log.jsonl, one JSON object per line, written by the first process (and to wandb if set)."""
+
+    def __init__(self, path, enabled, wandb=None):
+        self.path, self.enabled, self.wandb = path, enabled, wandb
+
+    def start(self, resumed_step):
+        """Empty for a new run; for a resumed one, the lines up to its checkpoint's step, replaced atomically. A crash
+        while appending may have left a half-written last line, which is dropped."""
+        kept = []
+        if resumed_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
+        write_atomically(self.path, "".join(kept))
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.wandb:
+                self.wandb.log(record, step=record["step"])
+
+
+class Clock:
+    """Seconds of training (resumes included) and tokens per second since the last log line."""
+
+    def __init__(self, elapsed_before):
+        self.start = time.time() - elapsed_before
+        self.window_start, self.window_tokens = time.time(), 0
+
+    def elapsed(self):
+        return time.time() - self.start
+
+    def count(self, tokens):
+        self.window_tokens += tokens
+
+    def throughput(self):
+        now = time.time()
+        tok_per_sec = self.window_tokens / (now - self.window_start)
+        self.window_start, self.window_tokens = now, 0
+        return tok_per_sec
+
+
+# ----------------------------------------------------------------------------- processes and signals
+
+def start_process(cfg):
+    """(device, rank, world): this process alone, or one of torchrun's, which sets RANK and LOCAL_RANK."""
+    if "RANK" not in os.environ:
+        return pick_device(cfg.device), 0, 1
+    on_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if on_cuda else "cpu")
+    if on_cuda:
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def end_process(world):
+    """Tear down together, and only after a clean finish: a process that left while rank 0 still wrote its
+    checkpoint died in gloo's teardown, and destroying the group mid-collective deadlocks (torchtitan #1342)."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM only set `signum`: the loop finishes the step in flight, checkpoints and returns."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def catch(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
