@@ -1,10 +1,12 @@
-"""What every script that runs a model shares: the device, the precision, the GPU's peak for MFU, and
-checkpoints written atomically and read back with one clear error. train.py, sft.py, sample.py,
+"""What every script that runs a model shares: the device, the precision, the GPU's peak and MFU,
+checkpoints written atomically and read back with one clear error, the training snapshot a resume restores,
+and torchrun's processes and the stop signals. train.py, sft.py, sample.py,
 export.py, bench.py and scaling.py import it; it imports only torch.
 """
 
 import contextlib
 import os
+import signal
 
 import torch
 
@@ -31,6 +33,12 @@ def peak_flops(device, override_tflops):
         return None
     tflops = table_peak_tflops(torch.cuda.get_device_name(device))
     return tflops * 1e12 if tflops else None
+
+
+def mfu(flops_per_token, tokens_per_sec, peak_flops):
+    """Model FLOPs utilization (PaLM, appendix B): the model's FLOPs per second over the peak, a fraction;
+    None when the peak is unknown, so that no guess is ever printed."""
+    return flops_per_token * tokens_per_sec / peak_flops if peak_flops else None
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -76,7 +84,8 @@ def precision(name, device):
 
 
 def compile_wanted(setting, device):
-    """--compile: true/on/1, false/off/0, or "auto", which compiles on CUDA only (on the CPU it did not pay: see README)."""
+    """--compile: true/on/1, false/off/0, or "auto", which compiles on CUDA only: on a CPU the faster steps
+    win back the compilation only in runs far longer than most CPU runs."""
     setting = str(setting).lower()
     if setting not in ("auto", "true", "on", "1", "false", "off", "0"):
         raise UserError(f"compile must be auto, true or false, got {setting!r}")
@@ -121,3 +130,79 @@ def load_init(init_from):
     if not os.path.isfile(path):
         raise UserError(f"init_from: no checkpoint at {path}; give a run directory or a .pt file")
     return load_checkpoint(path)
+
+
+def write_atomically(path, text):
+    """Replace a text file whole: readers see the old file or the new one, never half of it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def training_snapshot(model, optimizers, scaler, sampler, device, **fields):
+    """What a resumed run needs to continue exactly: full weights and optimizer state (gathered on every
+    rank under FSDP, so call it on all of them), fp16's loss scale and every random generator's state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # half a second to import
+    model_state, optim_state = get_state_dict(model, optimizers,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = dict(torch=torch.get_rng_state(), sampler=sampler.get_state(),
+               cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
+    return dict(version=CHECKPOINT_VERSION, model=model_state, optimizers=optim_state, scaler=scaler.state_dict(),
+                rng=rng, **fields)
+
+
+def restore_training(checkpoint, model, optimizers, scaler, sampler, device):
+    """Load a training_snapshot back into the model, the optimizers, the loss scale and the generators."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    # full_state_dict: the checkpoint holds whole tensors, which FSDP shards again as it loads them
+    set_state_dict(model, optimizers, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizers"],
+                   options=StateDictOptions(full_state_dict=True))
+    if scaler.is_enabled() and checkpoint.get("scaler"):  # empty when saved without fp16
+        scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    sampler.set_state(checkpoint["rng"]["sampler"])
+    if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+
+
+# ----------------------------------------------------------------------------- processes and signals
+
+def start_process(device_name):
+    """(device, rank, world): this process alone, or one of torchrun's, which sets RANK and LOCAL_RANK."""
+    if "RANK" not in os.environ:
+        return pick_device(device_name), 0, 1
+    import torch.distributed as dist
+    on_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if on_cuda else "cpu")
+    if on_cuda:
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def end_process(world):
+    """Tear down together, and only after a clean finish: a process that left while rank 0 still wrote its
+    checkpoint died in gloo's teardown, and destroying the group mid-collective deadlocks (torchtitan #1342)."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM only set `signum`, so that a loop can finish the step in flight, checkpoint and return."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def catch(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -29,8 +29,8 @@ import configurator
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS
 from prepare import load_meta
-from runtime import (CHECKPOINT_VERSION, compile_wanted, load_checkpoint, load_init, peak_flops, pick_device,
-                     precision, save_checkpoint)
+from runtime import (StopSignals, compile_wanted, end_process, load_checkpoint, load_init, mfu, peak_flops,
+                     precision, restore_training, save_checkpoint, start_process, training_snapshot, write_atomically)
 from tokenizer import load_tokenizer
 
 @dataclass
@@ -105,7 +105,7 @@ def launch(cfg, overrides, data=None, init=None):
     """Train in this process, alone or as one of torchrun's. `data` gives the batches (TokenData(cfg.dataset) by
     default; sft.py passes its packed conversations); `init` is a checkpoint whose architecture and weights the
     model starts from, with a fresh optimizer and step. Returns the signal that stopped the run, or None."""
-    device, rank, world = start_process(cfg)
+    device, rank, world = start_process(cfg.device)
     with StopSignals() as stop:  # Ctrl-C and SIGTERM: finish the step in flight, checkpoint, return
         run = setup(cfg, overrides, device, rank, world, data, init)
         train(run, stop)
@@ -418,13 +418,6 @@ def open_run_dir(out_dir, resolved, log, resumed_step):
     log.start(resumed_step)
 
 
-def write_atomically(path, text):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- data
 
 class TokenData:
@@ -646,30 +639,14 @@ def print_sample(run):
 
 
 def checkpoint_snapshot(run, state):
-    """Everything a resumed run needs to continue exactly: weights, optimizer state, the step and counters,
-    fp16's loss scale, and every random generator's state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict  # half a second to import
-    model_state, optim_state = get_state_dict(run.raw_model, run.optimizers,
-                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return dict(version=CHECKPOINT_VERSION, model=model_state, optimizers=optim_state,
-                model_config=dataclasses.asdict(run.model_cfg), config=dataclasses.asdict(run.cfg),
-                **run.data.checkpoint_fields, state=dataclasses.asdict(state), scaler=run.scaler.state_dict(),
-                rng=dict(torch=torch.get_rng_state(), sampler=run.sampler.get_state(),
-                         cuda=torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []))
+    return training_snapshot(run.raw_model, run.optimizers, run.scaler, run.sampler, run.device,
+                             model_config=dataclasses.asdict(run.model_cfg), config=dataclasses.asdict(run.cfg),
+                             state=dataclasses.asdict(state), **run.data.checkpoint_fields)
 
 
 def restore(run, checkpoint):
-    """Load a checkpoint_snapshot into the model, the optimizers and the generators; return its TrainState."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    # full_state_dict: the checkpoint holds whole tensors, which FSDP must shard again as it loads them
-    set_state_dict(run.raw_model, run.optimizers, model_state_dict=checkpoint["model"],
-                   optim_state_dict=checkpoint["optimizers"], options=StateDictOptions(full_state_dict=True))
-    if run.scaler.is_enabled() and checkpoint.get("scaler"):  # fp16's loss scale: empty when saved without fp16
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    run.sampler.set_state(checkpoint["rng"]["sampler"])
-    if run.device.type == "cuda" and checkpoint["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    """The model, optimizers and generators as a checkpoint_snapshot left them; returns its TrainState."""
+    restore_training(checkpoint, run.raw_model, run.optimizers, run.scaler, run.sampler, run.device)
     state = TrainState(**checkpoint["state"])
     if checkpoint is run.resumed:
         run.say(f"resumed from {run.ckpt_path} at step {state.step}")
@@ -678,18 +655,18 @@ def restore(run, checkpoint):
 
 def log_progress(run, state, clock, train_loss, grad_norm, moe_load):
     tok_per_sec, state.elapsed = clock.throughput(), clock.elapsed()
-    mfu = run.flops_per_token * tok_per_sec / (run.peak * run.world) if run.peak else None
+    utilization = mfu(run.flops_per_token, tok_per_sec, run.peak * run.world if run.peak else None)
     remaining = [(run.total_steps - state.step) * run.batch_tokens / tok_per_sec] if run.total_steps else []
     remaining += [run.cfg.max_seconds - state.elapsed] if run.cfg.max_seconds else []
     record = dict(step=state.step, train_loss=train_loss, lr=run.optimizers[0].param_groups[0]["lr"],
                   grad_norm=grad_norm.item(), tokens=state.tokens, flops=state.flops, elapsed=state.elapsed,
-                  tok_per_sec=tok_per_sec, mfu=mfu)
+                  tok_per_sec=tok_per_sec, mfu=utilization)
     if moe_load is not None:  # the busiest expert's load over the mean: 1.0 is perfect balance
         record["moe_max_load"] = (moe_load.max(-1).values / moe_load.float().mean(-1)).max().item()
     run.log.write(record)
     run.say(f"step {state.step}{f'/{run.total_steps}' if run.total_steps else ''} | loss {train_loss:.4f} | "
             f"lr {record['lr']:.2e} | grad {record['grad_norm']:.2f} | {tok_per_sec:,.0f} tok/s | "
-            f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | eta {max(min(remaining), 0) / 60:.1f} min")
+            f"mfu {f'{100 * utilization:.1f}%' if utilization is not None else 'n/a'} | eta {max(min(remaining), 0) / 60:.1f} min")
 
 
 class RunLog:
@@ -733,46 +710,6 @@ class Clock:
         tok_per_sec = self.window_tokens / (now - self.window_start)
         self.window_start, self.window_tokens = now, 0
         return tok_per_sec
-
-
-# ----------------------------------------------------------------------------- processes and signals
-
-def start_process(cfg):
-    """(device, rank, world): this process alone, or one of torchrun's, which sets RANK and LOCAL_RANK."""
-    if "RANK" not in os.environ:
-        return pick_device(cfg.device), 0, 1
-    on_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
-    dist.init_process_group("nccl" if on_cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if on_cuda else "cpu")
-    if on_cuda:
-        torch.cuda.set_device(device)
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-def end_process(world):
-    """Tear down together, and only after a clean finish: a process that left while rank 0 still wrote its
-    checkpoint died in gloo's teardown, and destroying the group mid-collective deadlocks (torchtitan #1342)."""
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-class StopSignals:
-    """Ctrl-C and SIGTERM only set `signum`: the loop finishes the step in flight, checkpoints and returns."""
-
-    def __init__(self):
-        self.signum = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def catch(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
