@@ -1,4 +1,4 @@
-"""Speed measurements behind the numbers in the README, one function per benchmark.
+"""Speed measurements behind the numbers in RESULTS.md, one function per benchmark.
 
     python bench.py                                       # every benchmark, default model and settings
     python bench.py config/gpt_51m.py --only=training     # a recipe's model, batch, optimizer and dtype
@@ -12,8 +12,8 @@ training: tokens/s and MFU of forward + backward + optimizer step as train.py ru
 gradient clipping, torch.compile when train.py would use it) on one micro-batch of batch_size x block_size
 random tokens per step, after warm-up steps, the median of timed steps, the device synchronised around
 each. The vocabulary is the config's prepared dataset's, or GPT-2's when data/<dataset> is not prepared.
-MFU = model.flops_per_token() x tokens/s / the device's peak (runtime.peak_flops); a CPU has no peak in the
-table, so MFU is n/a unless --peak_tflops is given. Accumulation (batch_tokens) is left out: it repeats
+MFU = model.flops_per_token() x tokens/s / the device's peak (runtime.mfu and runtime.peak_flops); a CPU
+has no peak in the table, so MFU is n/a unless --peak_tflops is given. Accumulation (batch_tokens) is left out: it repeats
 the same micro-step. --profile_steps=N then runs N more steps under torch.profiler and lists the operations
 with the most time of their own per step (GPU time on a GPU); a compiled step shows its generated kernels.
 
@@ -69,7 +69,7 @@ from configurator import UserError
 from model import GPT, GPTConfig, PRESETS, sample_token
 from sample import SampleConfig
 from tokenizer import CharTokenizer, load_tokenizer
-from runtime import compile_wanted, peak_flops, pick_device, precision
+from runtime import compile_wanted, mfu, peak_flops, pick_device, precision
 from train import MODEL_KEYS, TrainConfig, build_model_config, make_optimizers
 
 
@@ -103,15 +103,8 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def dataset_vocab(tcfg):
-    try:
-        return prepare.load_meta(os.path.join("data", tcfg.dataset))["vocab_size"], f"data/{tcfg.dataset}"
-    except UserError:
-        return 50257, "GPT-2's"
-
-
 def bench_training(cfg, tcfg, scfg, overrides, device):
-    vocab, vocab_source = dataset_vocab(tcfg)
+    vocab, vocab_source = prepare.dataset_vocab(tcfg.dataset, gpt2_fallback=True)
     model_cfg = build_model_config(tcfg, overrides, vocab)
     torch.manual_seed(tcfg.seed)
     model = GPT(model_cfg).to(device)
@@ -141,15 +134,14 @@ def bench_training(cfg, tcfg, scfg, overrides, device):
     seconds = statistics.median(timed(step, device) for _ in range(cfg.timed_steps))
     profile = profile_step(step, device, cfg.profile_steps) if cfg.profile_steps else None
     tok_per_sec = B * T / seconds
-    peak = peak_flops(device, tcfg.peak_tflops)
-    mfu = model.flops_per_token() * tok_per_sec / peak if peak else None
+    utilization = mfu(model.flops_per_token(), tok_per_sec, peak_flops(device, tcfg.peak_tflops))
     params = model.param_counts()["total"]
     print(f"training: {params / 1e6:.2f}M parameters ({model_cfg.n_layer} x {model_cfg.n_embd}, vocabulary "
           f"{model_cfg.vocab_size} from {vocab_source}), {tcfg.optimizer}, batch {B} x {T}, {device.type}, "
           f"{str(dtype)[6:]}, compile {compile_on}, {torch.get_num_threads()} threads")
     print(f"  {'tokens/s':<22}{tok_per_sec:>12,.0f}   (median of {cfg.timed_steps} steps, {seconds:.3f} s/step)")
     print(f"  {'model TFLOP/s':<22}{model.flops_per_token() * tok_per_sec / 1e12:>12.3f}   (flops_per_token x tokens/s)")
-    print(f"  {'MFU':<22}{f'{100 * mfu:.1f}%' if mfu is not None else 'n/a (no known peak; set --peak_tflops)':>12}")
+    print(f"  {'MFU':<22}{f'{100 * utilization:.1f}%' if utilization is not None else 'n/a (no known peak; set --peak_tflops)':>12}")
     if profile:
         print(f"  where a step's time went ({'GPU' if device.type == 'cuda' else 'CPU'} time, the median step "
               f"{1e3 * seconds:.1f} ms; {cfg.profile_steps} profiled steps):")
@@ -157,7 +149,7 @@ def bench_training(cfg, tcfg, scfg, overrides, device):
             print(f"    {op['ms_per_step']:8.2f} ms  {op['calls_per_step']:6.0f} calls  {op['name'][:80]}")
     return dict(profile=profile, model=dataclasses.asdict(model_cfg), params=params, batch_size=B, block_size=T, device=device.type,
                 dtype=str(dtype)[6:], compile=compile_on, threads=torch.get_num_threads(), seconds_per_step=seconds,
-                tok_per_sec=tok_per_sec, flops_per_token=model.flops_per_token(), mfu=mfu)
+                tok_per_sec=tok_per_sec, flops_per_token=model.flops_per_token(), mfu=utilization)
 
 
 def profile_step(step, device, steps, rows=15):
@@ -178,7 +170,7 @@ def profile_step(step, device, steps, rows=15):
 @torch.no_grad()
 def bench_generation(cfg, tcfg, scfg, overrides, device):
     if overrides.keys() & MODEL_KEYS:
-        model_cfg = build_model_config(tcfg, overrides, dataset_vocab(tcfg)[0])
+        model_cfg = build_model_config(tcfg, overrides, prepare.dataset_vocab(tcfg.dataset, gpt2_fallback=True)[0])
     else:
         model_cfg = GPTConfig(**GENERATION_MODEL)
     torch.manual_seed(tcfg.seed)

@@ -458,6 +458,21 @@ def load_meta(data_dir):
     return meta
 
 
+GPT2_VOCAB_SIZE = 50257  # tiktoken's gpt2 encoding, the most common choice
+
+
+def dataset_vocab(dataset, gpt2_fallback=False):
+    """The vocabulary size of data/<dataset> and where it came from. A dataset that is not prepared here (or
+    is broken) is load_meta's one-line UserError, or with gpt2_fallback GPT-2's vocabulary: planning and
+    benchmarks need a model's shape, not its data."""
+    try:
+        return load_meta(os.path.join("data", dataset))["vocab_size"], f"data/{dataset}"
+    except UserError:
+        if not gpt2_fallback:
+            raise
+        return GPT2_VOCAB_SIZE, "GPT-2's"
+
+
 def write_dataset(cfg, documents, total_bytes, data_dir, temp_files, replaced):
     """Tokenize the source into temporary files in data_dir; return (meta, {temporary path: final path})."""
     spec = build_tokenizer_spec(cfg, documents, data_dir, temp_files)

@@ -5,16 +5,8 @@
     python sample.py --out_dir=out --prompt=FILE:prompt.txt          # or --prompt=- to read stdin
     python sample.py --out_dir=out-sft --chat                        # multi-turn chat with a fine-tuned model
 
-The chat template. sft.py stores checkpoint["chat_template"], a dict of markers such as
-
-    {"user": "<|user|>", "assistant": "<|assistant|>", "end_of_turn": "<|end|>", "system": "<|system|>"}
-
-("system" is optional). A marker is text, encoded by the checkpoint's tokenizer like any other text (with
-a char tokenizer it must use characters of the vocabulary), or a list of token ids, for example ids in
-the padding rows of the embedding table (from tokenizer.vocab_size up) used as special tokens. A
-conversation renders as the end-of-text token, then, per message, role marker + content + end_of_turn.
-The reply is generated after the assistant marker and ends at end_of_turn. render_chat is the one
-definition of that layout: sft.py imports it, so training and chat cannot drift apart.
+With --chat, a conversation is rendered in the checkpoint's chat template (tokenizer.py: the one
+definition of that layout, which sft.py trains on), and each reply ends at the template's end_of_turn.
 """
 
 import contextlib
@@ -24,9 +16,8 @@ import sys
 from dataclasses import dataclass
 
 # Decoding runs hundreds of tiny operations per token; OpenMP threads that spin between them (its default)
-# take the cores from the main thread whenever the CPU is shared. bench.py's KV-cache figure on the 2-core
-# CPU under load: 11 tok/s spinning, 235 waiting passively. Set before torch loads OpenMP; a value already
-# in the environment wins.
+# take the cores from the main thread whenever the CPU is shared (RESULTS.md has the measurement). Set
+# before torch loads OpenMP; a value already in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
@@ -35,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import configurator
 from configurator import UserError
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, marker_ids, render_chat, sampleable_vocab_size
 from runtime import load_checkpoint, pick_device, pick_dtype
 
 
@@ -57,32 +48,7 @@ class SampleConfig:
     threads: int = 0                 # CPU threads while decoding; 0 = auto: 1 (see decoding)
 
 
-# ----------------------------------------------------------------------------- chat template
-
-def marker_ids(tokenizer, marker):
-    return list(marker) if isinstance(marker, list) else tokenizer.encode(marker)
-
-
-def render_chat(tokenizer, template, messages):
-    """Token ids of [{"role": "system" | "user" | "assistant", "content": str}, ...], and for each id
-    whether the assistant wrote it (its content and end_of_turn): what sft.py trains on, prompts masked."""
-    ids, trained = [tokenizer.eot_id], [False]
-    for message in messages:
-        if message["role"] not in template or message["role"] == "end_of_turn":
-            raise UserError(f"the chat template has no marker for role {message['role']!r}")
-        head = marker_ids(tokenizer, template[message["role"]])
-        body = tokenizer.encode(message["content"]) + marker_ids(tokenizer, template["end_of_turn"])
-        ids += head + body
-        trained += [False] * len(head) + [message["role"] == "assistant"] * len(body)
-    return ids, trained
-
-
-def sampleable_vocab_size(tokenizer, template):
-    """The ids generation may draw: the tokenizer's, and the template's special ids in the embedding's padding
-    rows, which must stay sampleable or a reply could never end."""
-    special = [i for marker in template.values() if isinstance(marker, list) for i in marker]
-    return max([tokenizer.vocab_size] + [i + 1 for i in special])
-
+# ----------------------------------------------------------------------------- chat
 
 def printable(tokenizer, ids, stop_text=None):
     """The text of `ids` that is safe to print so far, and whether it reached `stop_text` (cut before it).
@@ -162,17 +128,14 @@ class Chat:
 
 # ----------------------------------------------------------------------------- loading and the two modes
 # Decoding at batch 1 on a CPU is a stream of small matrix-vector products that read every weight once per
-# token. On the 2-core AMD EPYC (AVX512-BF16) this project is developed on, shared with other work, the
-# KV-cache path of a 6-layer, 384-wide model (context 1,024) generating 1,000 tokens (bench.py
-# --only=generation) ran at 232 tok/s in float32 with 2 threads and flash attention, and at 304 with the
-# three settings below (bfloat16 weights, 1 thread, math attention); the 51M shape (8 x 512, vocabulary
-# 50,304, 300 tokens): 64 -> 97 tok/s. The validation loss of the two CPU runs in out-*-cpu is the same to
-# 3 decimals in bf16 (1.8905, 1.8099 -> 1.8100); greedy text drifts apart after a line or two at near-ties.
+# token, so it is bound by memory, not arithmetic. The settings below (bf16 weights, one thread, math
+# attention) make it faster at the same validation loss, though greedy text can part ways at near-ties;
+# RESULTS.md has the figures (bench.py --only=generation).
 
 
 def decoding_dtype(name, device):
     """runtime.pick_dtype's choice, except that "auto" on a CPU with native bf16 instructions is bfloat16:
-    half the bytes to read per token (a 6 x 384 model: 21 MB instead of 42, which also fits a 32 MB L3 cache).
+    half the bytes to read per token (a small model's weights may then fit the CPU's last-level cache).
     Without those instructions bf16 matmuls are emulated and slower than float32, so float32 stays."""
     if name == "auto" and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
@@ -183,10 +146,9 @@ def decoding_dtype(name, device):
 def decoding(device, threads=0):
     """The settings that tokens are generated under, on a CPU: `threads` intra-op threads, by default 1,
     since waking a second thread for each of the ~100 small operations per token costs more than it
-    saves (bf16: 297 tok/s with 1 thread, 234 with 2; the 51M shape: 100 and 87); and attention by the
-    plain math kernel, as the flash kernel is slow in bf16 for a single query over 1,000 cached keys
-    (237 -> 297 tok/s; float32: no difference). Both are undone on exit. A long prompt's prefill runs
-    under them too (measured on 2 cores only: with many cores and a large model, try --threads)."""
+    saves; and attention by the plain math kernel, as the flash kernel is slow in bf16 for a single query
+    over many cached keys. Both are undone on exit. A long prompt's prefill runs under them too (tried on
+    few cores only: with many cores and a large model, try --threads)."""
     if device.type != "cpu":
         yield
         return

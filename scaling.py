@@ -3,7 +3,7 @@
     python scaling.py fit tests/data/chinchilla_svg_extracted_data.csv --drop_highest=5
     python scaling.py fit out-sweep/*/ --law_out=law.json    # run directories written by train.py
     python scaling.py isoflop out-sweep/*/                    # Approach 2 and its PNG figure
-    python scaling.py sweep                                   # tiny isoFLOP sweep with train.py (~7 min, 2 CPU cores)
+    python scaling.py sweep                                   # tiny isoFLOP sweep with train.py (minutes on a CPU)
     python scaling.py table [--law=approach1|chinchilla|epoch|law.json]
     python scaling.py mfu config/gpt_350m.py --tok_per_sec=50000 --gpu=A100
     python scaling.py mfu --params=1e9 --n_layer=26 --n_embd=2304 --block_size=2048 --gpu=A100 --mfu=0.35
@@ -75,9 +75,9 @@ class ScalingConfig:
     # sweep: every budget x shape runs `train.py --max_flops=budget --max_iters=0`; other keys go to train.py
     sweep_dir: str = "out-sweep"
     jobs: int = 0                    # train.py runs at once; 0 = one per CPU core without a GPU, 1 with one
-    # 6.5 min on 2 CPU cores, every budget's minimum inside the sizes (at 3e11 it fell below the smallest).
-    # One layer: at 1e12 FLOPs (1, 32) reached 2.03 where (2, 24), as large, reached 2.17 and (4, 128) 2.56
-    # (measured), so at this scale width is the dial that matters.
+    # Minutes on a few CPU cores, with every budget's minimum inside the sizes (a smaller budget fell below
+    # the smallest). One layer: at this scale width is the dial that matters (deeper shapes of the same size
+    # reached a worse loss; RESULTS.md has the runs).
     budgets: list = field(default_factory=lambda: [5e11, 1e12, 2e12])
     shapes: list = field(default_factory=lambda: [(1, 16), (1, 24), (1, 32), (1, 48), (1, 64)])  # (n_layer, n_embd)
 
@@ -110,6 +110,16 @@ def read_csv(path):
     return cols
 
 
+def attention_flops(model_config):
+    """FLOPs per token beyond 6N (attention over the context), read off model.py's count so that its formula
+    keeps one home. torch is imported here only; a model on the meta device allocates nothing."""
+    import torch
+    from model import GPT
+    with torch.device("meta"):
+        model = GPT(model_config)
+    return model.flops_per_token() - 6 * model.param_counts()["active_non_embedding"]
+
+
 def read_run(path):
     """Final validation loss, tokens and FLOPs of a train.py run; N from its FLOPs per token."""
     log_path, config_path = os.path.join(path, "log.jsonl"), os.path.join(path, "config.json")
@@ -121,14 +131,14 @@ def read_run(path):
             evals = [r for r in map(json.loads, filter(str.strip, f)) if "val_loss" in r and r["tokens"] > 0]
         with open(config_path) as f:
             config = json.load(f)
-        m, budget = config["model"], config["train"]["max_flops"]
-        attention = 12 * m["n_layer"] * m["n_head"] * (m["n_embd"] // m["n_head"]) * m["block_size"]
-    except (ValueError, KeyError) as e:
+        from model import GPTConfig
+        model_config, budget = GPTConfig(**config["model"]), config["train"]["max_flops"]
+    except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: log.jsonl or config.json is not train.py's ({type(e).__name__}: {e})") from e
     if not evals:
         raise UserError(f"{log_path} has no evaluation after training started: the run did not finish")
     last = evals[-1]
-    n = (last["flops"] / last["tokens"] - attention) / 6  # model.flops_per_token() solved for N
+    n = (last["flops"] / last["tokens"] - attention_flops(model_config)) / 6  # model.flops_per_token() solved for N
     return dict(N=n, D=last["tokens"], C=last["flops"], loss=last["val_loss"], budget=budget or last["flops"])
 
 
@@ -181,7 +191,7 @@ def minimize_from(start, data):
 
 
 def starting_points(lN, lD, lL, delta, count=10):
-    """The paper starts L-BFGS from a grid of 4,500 points (127 s here, measured). For fixed exponents the law is
+    """The paper starts L-BFGS from a grid of 4,500 points, which takes minutes. For fixed exponents the law is
     linear in (E, A, B), so a grid over (alpha, beta) alone with least squares on the relative error fills in
     the rest; the `count` best grid points start L-BFGS. All of them reach the same optimum on the Chinchilla data."""
     exponents = np.arange(0.02, 1.5, 0.03)
@@ -210,7 +220,7 @@ def fit_law(points, delta=1e-3, bootstrap=0, seed=0):
     import scipy.optimize  # noqa: F401  (before the limit below: threadpoolctl limits the BLAS already loaded)
     from threadpoolctl import threadpool_limits
     data = tuple(np.log(points[k]) for k in ("N", "D", "loss")) + (delta,)
-    # One BLAS thread: with OpenBLAS threads each L-BFGS-B fit took 0.9 s instead of 9 ms (measured, 2 busy cores)
+    # One BLAS thread: on these tiny matrices OpenBLAS's threads made each L-BFGS-B fit about 100x slower
     with threadpool_limits(1, "blas"):
         best = min((minimize_from(s, data) for s in starting_points(*data)), key=lambda r: r.fun)
         rng = np.random.default_rng(seed)
@@ -402,25 +412,18 @@ def gpu_peak_tflops(gpu, override):
     return peak
 
 
-def vocab_size_of(dataset):
-    """The prepared dataset's vocabulary, or GPT-2's when the data is not prepared on this machine."""
-    meta_path = os.path.join("data", dataset, "meta.json")
-    if not os.path.isfile(meta_path):
-        return 50257
-    with open(meta_path) as f:
-        return json.load(f)["vocab_size"]
-
-
 def cmd_mfu(cfg, argv):
-    """MFU = (6N + 12*L*H*Q*T) * tokens/s / peak (PaLM, appendix B), as train.py prints it. train.py (and torch)
-    is imported here only, to share its GPU table and model building: the other subcommands stay light."""
+    """MFU = (6N + 12*L*H*Q*T) * tokens/s / peak (runtime.mfu; PaLM, appendix B), as train.py prints it. torch,
+    model.py and train.py are imported here only, for the model they build: the other subcommands stay light."""
     import torch
+    import prepare
+    import runtime
     import train
     from model import GPT, GPTConfig
     overrides = configurator.parse(argv, train.TrainConfig, GPTConfig)
     train_cfg = configurator.build(train.TrainConfig, overrides)
-    model_cfg = train.build_model_config(train_cfg, overrides, vocab_size_of(train_cfg.dataset))
-    attention = 12 * model_cfg.n_layer * model_cfg.n_head * model_cfg.head_dim * model_cfg.block_size
+    model_cfg = train.build_model_config(train_cfg, overrides, prepare.dataset_vocab(train_cfg.dataset, gpt2_fallback=True)[0])
+    attention = attention_flops(model_cfg)
     if cfg.params:
         n = cfg.params
     else:
@@ -432,7 +435,7 @@ def cmd_mfu(cfg, argv):
     if not (cfg.tok_per_sec or cfg.mfu):
         raise UserError("give --tok_per_sec (measured, gives the MFU) or --mfu (assumed, gives the training days)")
     if cfg.tok_per_sec:
-        result.update(tok_per_sec=cfg.tok_per_sec, mfu=per_token * cfg.tok_per_sec / (peak * 1e12))
+        result.update(tok_per_sec=cfg.tok_per_sec, mfu=runtime.mfu(per_token, cfg.tok_per_sec, peak * 1e12))
     if cfg.mfu:
         result["gpu_days"] = {f"{t:g}": t * per_token / (peak * 1e12 * cfg.mfu) / 86400 for t in map(float, cfg.tokens)}
     if cfg.json:
@@ -468,7 +471,7 @@ def cmd_sweep(cfg, argv):
     gpu = torch.cuda.is_available()
     jobs = cfg.jobs or (1 if gpu else len(os.sched_getaffinity(0)))
     env = dict(os.environ)
-    if not gpu:  # one thread per run: at these sizes 2 threads ran 3-50x slower per step on a busy 2-core machine
+    if not gpu:  # one thread per run: at these sizes runs sharing the cores with more threads ran several times slower
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // jobs)))
     runs = {os.path.join(cfg.sweep_dir, f"C{c:.0e}_L{layers}_E{width}"): (float(c), int(layers), int(width))
             for c in cfg.budgets for layers, width in cfg.shapes}
@@ -506,6 +509,7 @@ def cmd_plan(cfg, argv):
     """GPUs x hours (or dollars) -> FLOPs at an assumed MFU -> compute-optimal N and D under a law -> a model
     shape, batch and learning rate -> a config file for train.py, stopped by that FLOP budget."""
     import torch
+    import prepare
     import train
     from model import GPT, GPTConfig
     for key in ("hours", "dollars", "price_per_gpu_hour"):
@@ -520,6 +524,7 @@ def cmd_plan(cfg, argv):
         raise UserError("give --hours, or --dollars with --price_per_gpu_hour")
     overrides = configurator.parse(argv, train.TrainConfig, GPTConfig)
     train_cfg = configurator.build(train.TrainConfig, overrides)
+    vocab, vocab_source = prepare.dataset_vocab(train_cfg.dataset, gpt2_fallback=True)
     mfu = cfg.mfu or 0.4  # what a well-tuned small-model run reaches on A100/H100-class GPUs; measure yours with `mfu`
     flops = cfg.gpus * gpu_peak_tflops(cfg.gpu, train_cfg.peak_tflops) * 1e12 * mfu * hours * 3600
     if cfg.law == "approach1":
@@ -532,7 +537,7 @@ def cmd_plan(cfg, argv):
     def shaped(depth):
         shape = dict(n_layer=depth, n_embd=64 * depth, n_head=depth, block_size=cfg.plan_block_size)
         with torch.device("meta"):
-            return shape, GPT(train.build_model_config(train_cfg, {**overrides, **shape}, vocab_size_of(train_cfg.dataset)))
+            return shape, GPT(train.build_model_config(train_cfg, {**overrides, **shape}, vocab))
     guess = max(1, round((n_opt / 49152) ** (1 / 3)))
     candidates = [shaped(depth) for depth in range(max(1, guess - 3), guess + 2)]
     shape, model = min(candidates, key=lambda c: abs(math.log(c[1].param_counts()["active_non_embedding"] / n_opt)))
@@ -559,7 +564,7 @@ def cmd_plan(cfg, argv):
     if cfg.json:
         return result
     print(f"{cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * mfu:.0f}% MFU: {flops:.3g} FLOPs")
-    print(f"vocabulary {vocab_size_of(train_cfg.dataset):,} (from data/{train_cfg.dataset}/meta.json when prepared, else GPT-2's; set --dataset)")
+    print(f"vocabulary {vocab:,} from {vocab_source} (GPT-2's when data/<dataset> is not prepared here; set --dataset)")
     print(f"compute-optimal under {cfg.law}: N {n_opt:.3g}; chosen {depth} layers x {64 * depth} wide = {n:,} parameters, "
           f"{tokens:.3g} tokens ({tokens / n:.0f} per parameter), {steps:,} steps of {batch_tokens:,} tokens, "
           f"lr {learning_rate:.3g}; expected loss {result['expected_loss']:.3f}")

@@ -40,8 +40,7 @@ import configurator
 from configurator import UserError
 from model import GPTConfig
 from prepare import is_val, markdown_play_to_text, offline_unless_hub_reachable, shakespeare_plays
-from sample import marker_ids, render_chat, sampleable_vocab_size
-from tokenizer import load_tokenizer
+from tokenizer import chat_template, load_tokenizer, marker_ids, render_chat, sampleable_vocab_size
 from runtime import load_checkpoint, load_init
 from train import TrainConfig, launch
 
@@ -233,40 +232,7 @@ def load_conversations(cfg, seed, rng, say):
     return train, val
 
 
-# ----------------------------------------------------------------------------- template, tokens, packing
-
-def chat_template(tokenizer, vocab_rows):
-    """Special tokens in the embedding's padding rows (ids from the tokenizer's vocabulary size up, never
-    seen in pretraining) when there are four spare rows; plain-text markers otherwise."""
-    v = tokenizer.vocab_size
-    if vocab_rows - v >= 4:
-        return dict(user=[v], assistant=[v + 1], end_of_turn=[v + 2], system=[v + 3])
-    template = dict(user="<|user|>\n", assistant="<|assistant|>\n", end_of_turn="<|end|>\n", system="<|system|>\n")
-    for marker in template.values():
-        tokenizer.encode(marker)  # a char vocabulary without "<|>" says so here, in one line
-    return template
-
-
-def parse_chat(tokenizer, template, ids):
-    """The messages back from render_chat's ids: where each role marker starts a message and end_of_turn
-    closes it. Used to check that the template round-trips."""
-    if ids[:1] != [tokenizer.eot_id]:
-        raise ValueError("a rendered conversation starts with the end-of-text token")
-    markers = {role: marker_ids(tokenizer, m) for role, m in template.items() if role != "end_of_turn"}
-    end = marker_ids(tokenizer, template["end_of_turn"])
-    messages, i = [], 1
-    while i < len(ids):
-        role = next((r for r, m in markers.items() if ids[i:i + len(m)] == m), None)
-        if role is None:
-            raise ValueError(f"no role marker at token {i}")
-        start = i + len(markers[role])
-        stop = next((j for j in range(start, len(ids) - len(end) + 1) if ids[j:j + len(end)] == end), None)
-        if stop is None:
-            raise ValueError(f"the {role} message at token {start} has no end_of_turn")
-        messages.append(dict(role=role, content=tokenizer.decode(ids[start:stop])))
-        i = stop + len(end)
-    return messages
-
+# ----------------------------------------------------------------------------- tokens and packing
 
 def encode(tokenizer, template, messages, mask_prompt):
     """Token ids, which of them carry loss, and where each exchange starts (a user message, with the system

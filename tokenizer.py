@@ -8,10 +8,23 @@
 
 Any spec may add "pretokenize": "module:function", a text transform applied before encoding (for example
 a morpheme splitter for Korean). sentencepiece and tiktoken are imported only by the tokenizers that need them.
+
+The chat template, below, is a dict of markers such as
+
+    {"user": "<|user|>", "assistant": "<|assistant|>", "end_of_turn": "<|end|>", "system": "<|system|>"}
+
+("system" is optional), which sft.py chooses and stores in checkpoint["chat_template"]. A marker is text,
+encoded by the checkpoint's tokenizer like any other text (with a char tokenizer it must use characters of
+the vocabulary), or a list of token ids, for example ids in the padding rows of the embedding table (from
+tokenizer.vocab_size up) used as special tokens. A conversation renders as the end-of-text token, then, per
+message, role marker + content + end_of_turn; a reply is generated after the assistant marker and ends at
+end_of_turn. render_chat is the one definition of that layout: sft.py trains on it, sample.py chats with it
+and export.py writes it as Jinja, so the three cannot drift apart.
 """
 
 import base64
 import importlib
+import json
 
 import numpy as np
 
@@ -138,3 +151,83 @@ def load_tokenizer(spec):
     if spec.get("kind") not in KINDS:
         raise UserError(f"unknown tokenizer kind {spec.get('kind')!r} (expected one of {', '.join(KINDS)})")
     return KINDS[spec["kind"]](spec)
+
+
+# ----------------------------------------------------------------------------- the chat template
+
+def chat_template(tokenizer, vocab_rows):
+    """Special tokens in the embedding's padding rows (ids from the tokenizer's vocabulary size up, never
+    seen in pretraining) when there are four spare rows; plain-text markers otherwise."""
+    v = tokenizer.vocab_size
+    if vocab_rows - v >= 4:
+        return dict(user=[v], assistant=[v + 1], end_of_turn=[v + 2], system=[v + 3])
+    template = dict(user="<|user|>\n", assistant="<|assistant|>\n", end_of_turn="<|end|>\n", system="<|system|>\n")
+    for marker in template.values():
+        tokenizer.encode(marker)  # a char vocabulary without "<|>" says so here, in one line
+    return template
+
+
+def marker_ids(tokenizer, marker):
+    return list(marker) if isinstance(marker, list) else tokenizer.encode(marker)
+
+
+def render_chat(tokenizer, template, messages):
+    """Token ids of [{"role": "system" | "user" | "assistant", "content": str}, ...], and for each id
+    whether the assistant wrote it (its content and end_of_turn): what sft.py trains on, prompts masked."""
+    ids, trained = [tokenizer.eot_id], [False]
+    for message in messages:
+        if message["role"] not in template or message["role"] == "end_of_turn":
+            raise UserError(f"the chat template has no marker for role {message['role']!r}")
+        head = marker_ids(tokenizer, template[message["role"]])
+        body = tokenizer.encode(message["content"]) + marker_ids(tokenizer, template["end_of_turn"])
+        ids += head + body
+        trained += [False] * len(head) + [message["role"] == "assistant"] * len(body)
+    return ids, trained
+
+
+def sampleable_vocab_size(tokenizer, template):
+    """The ids generation may draw: the tokenizer's, and the template's special ids in the embedding's padding
+    rows, which must stay sampleable or a reply could never end."""
+    special = [i for marker in template.values() if isinstance(marker, list) for i in marker]
+    return max([tokenizer.vocab_size] + [i + 1 for i in special])
+
+
+def parse_chat(tokenizer, template, ids):
+    """The messages back from render_chat's ids: where each role marker starts a message and end_of_turn
+    closes it. Used to check that the template round-trips."""
+    if ids[:1] != [tokenizer.eot_id]:
+        raise ValueError("a rendered conversation starts with the end-of-text token")
+    markers = {role: marker_ids(tokenizer, m) for role, m in template.items() if role != "end_of_turn"}
+    end = marker_ids(tokenizer, template["end_of_turn"])
+    messages, i = [], 1
+    while i < len(ids):
+        role = next((r for r, m in markers.items() if ids[i:i + len(m)] == m), None)
+        if role is None:
+            raise ValueError(f"no role marker at token {i}")
+        start = i + len(markers[role])
+        stop = next((j for j in range(start, len(ids) - len(end) + 1) if ids[j:j + len(end)] == end), None)
+        if stop is None:
+            raise ValueError(f"the {role} message at token {start} has no end_of_turn")
+        messages.append(dict(role=role, content=tokenizer.decode(ids[start:stop])))
+        i = stop + len(end)
+    return messages
+
+
+def chat_template_jinja(template, tokenizer, specials):
+    """render_chat as Jinja, for a Hugging Face tokenizer: end-of-text, then per message role marker + content
+    + end_of_turn; or None when a marker holds an id that has no text of its own (a regular token given by id).
+    `specials` maps the special ids to their text."""
+    def text(marker):
+        if isinstance(marker, str):
+            return marker
+        if all(i in specials for i in marker):
+            return "".join(specials[i] for i in marker)
+        return None
+    markers = {role: text(m) for role, m in template.items()}
+    if None in markers.values():
+        return None
+    roles = "{% set m = " + json.dumps({r: t for r, t in markers.items() if r != "end_of_turn"}, ensure_ascii=False) + " %}"
+    return (roles + "{{ " + json.dumps(specials[tokenizer.eot_id]) + " }}{% for message in messages %}"
+            "{% if message['role'] not in m %}{{ raise_exception('no marker for role ' + message['role']) }}{% endif %}"
+            "{{ m[message['role']] + message['content'] + " + json.dumps(markers["end_of_turn"], ensure_ascii=False) + " }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ m['assistant'] }}{% endif %}")

@@ -1,4 +1,5 @@
-# The 51M article (../shared/seeds, "Training A Not-So-Large Language Model for $50"): GPT-2 architecture
+# The 51M article, "Training A Not-So-Large Language Model for $50" (2023; its code:
+# https://github.com/shionhonda/generative-ai): GPT-2 architecture
 # with 8 layers, 8 heads and 512 dims on BookCorpus with a BPE tokenizer, chosen from an isoFLOP curve
 # at N = 50M, D = 1.1B tokens. Here with tiktoken's GPT-2 BPE (vocabulary 50,257, tied embeddings).
 # 51,213,824 parameters; 1.1B tokens; 6ND ~ 3.4e17 FLOPs, the article's 320 PFLOPs.

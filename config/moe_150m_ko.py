@@ -1,4 +1,4 @@
-# The Korean MoE article (../shared/seeds, "150M size SLM built with single GPU"): a DeepSeek-style MoE
+# The Korean MoE article, "150M size SLM built with single GPU": a DeepSeek-style MoE
 # model pretrained from scratch on Korean Wikipedia with a SentencePiece tokenizer on one RTX 3090.
 # 145.6M parameters in total, 64.9M active per token (48.5M active non-embedding): 12 layers, the first
 # dense, then shared expert + 16 fine-grained routed experts, top-2, balanced by DeepSeek-V3's bias.

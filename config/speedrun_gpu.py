@@ -3,10 +3,9 @@
 # timed as whole commands one after the other:
 #   python prepare.py config/shakespeare_char.py
 #   python bench.py --only=speedrun --speedrun=config/shakespeare_char.py,config/speedrun_gpu.py --speedrun_target=1.47
-# NOT MET YET. Measured 2026-11-26 on an H200 (torch 2.11): the recipe took 155.4 s; these settings
-# reached 1.485 at step 300, 28 s into training, then overfit (1.492 at 400, 1.509 at 500). The other
-# variants tried and their curves are in the README's GPU speedrun section. The run stops at the first
-# evaluation at or below the target (target_loss), so once it gets there its wall clock is the time to 1.47.
+# Not met yet: these settings come close to the target, then overfit; the runs, the other variants tried
+# and their curves are in RESULTS.md's GPU speedrun section. The run stops at the first evaluation at or
+# below the target (target_loss), so once it gets there its wall clock is the time to 1.47.
 
 dataset = "tinyshakespeare_char"
 # downloaded once into data/tinyshakespeare_char/input.txt; offline, put a copy there first
@@ -16,8 +15,8 @@ out_dir = "out-speedrun-gpu"
 
 # model: the recipe's size (6 layers, 6 heads, 384 wide, context 256) with the modern preset (RoPE,
 # RMSNorm, ReLU^2, QK-norm, untied head), which learned far more per token in the CPU speedrun.
-# Dropout 0.2 as the recipe: 1M characters are seen dozens of times. With 0.1 the best was 1.504 (step
-# 200), after which the loss rose faster.
+# Dropout 0.2 as the recipe: 1M characters are seen dozens of times. With 0.1 the best was worse, and
+# the loss rose faster after it.
 preset = "modern"
 n_layer = 6
 n_head = 6
@@ -35,9 +34,8 @@ warmup_iters = 50
 beta2 = 0.99
 weight_decay = 0.1
 
-# batch: without torch.compile this small model runs more tokens per second at larger batches: 571k tok/s
-# at 128 sequences, 766-790k at 256, 938k at 512 (H200, bf16). 256 x 256 tokens per step, 4x the recipe's;
-# 512 reached 1.484 at step 200, 30 s into training, no sooner.
+# batch: without torch.compile this small model runs more tokens per second at larger batches. 256 x 256
+# tokens per step, 4x the recipe's; 512 reached the same loss no sooner.
 batch_size = 256
 max_iters = 600
 
@@ -49,6 +47,5 @@ eval_iters = 20
 sample_tokens = 0
 log_interval = 100
 
-# no torch.compile: it costs tens of seconds (41 s for a tiny model in a check on the same H200), a large
-# share of a run this short
+# no torch.compile: it costs tens of seconds, a large share of a run this short
 compile = "False"

@@ -1,4 +1,4 @@
-"""bench.py: every benchmark runs end to end at a tiny size and writes the JSON the README's numbers come
+"""bench.py: every benchmark runs end to end at a tiny size and writes the JSON that RESULTS.md's numbers come
 from. Speeds are not asserted: they depend on the machine and its load."""
 
 import base64

@@ -18,7 +18,7 @@ import sample
 import train
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, marker_ids, render_chat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = "\nabcdefghijklmnopqrstuvwxyz <>:"
@@ -154,11 +154,11 @@ def test_importing_sample_loads_no_heavy_library():
 def test_render_chat_marks_what_the_assistant_writes():
     tokenizer = load_tokenizer(SPEC)
     messages = [dict(role="system", content="be brief"), dict(role="user", content="hi"), dict(role="assistant", content="yo")]
-    ids, trained = sample.render_chat(tokenizer, TEMPLATE, messages)
+    ids, trained = render_chat(tokenizer, TEMPLATE, messages)
     assert ids[0] == tokenizer.eot_id and tokenizer.decode(ids) == "<s>be brief<e><u>hi<e><a>yo<e>"
     assert tokenizer.decode([i for i, t in zip(ids, trained) if t]) == "yo<e>"
     with pytest.raises(UserError, match="no marker for role 'tool'"):
-        sample.render_chat(tokenizer, TEMPLATE, [dict(role="tool", content="x")])
+        render_chat(tokenizer, TEMPLATE, [dict(role="tool", content="x")])
 
 
 def count_forward_tokens(monkeypatch, model):
@@ -219,7 +219,7 @@ def test_a_reply_stops_at_the_end_of_turn_marker(monkeypatch, marker):
     model, tokenizer = tiny_model(), load_tokenizer(SPEC)
     special = tokenizer.vocab_size + 3  # a padding row of the embedding used as a special token
     template = dict(TEMPLATE, end_of_turn=[special] if marker == "special" else marker)
-    end = sample.marker_ids(tokenizer, template["end_of_turn"])
+    end = marker_ids(tokenizer, template["end_of_turn"])
     script = tokenizer.encode("so <long") + end + tokenizer.encode("after")  # "<" alone is not the marker
 
     def scripted_generate(idx, max_new_tokens, *args, vocab_size=None, **kwargs):

@@ -12,7 +12,8 @@ import scaling
 from configurator import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Epoch AI's extraction of the Chinchilla paper's Figure 4 points (Besiroglu et al. 2024), as in ../shared/data
+# Epoch AI's extraction of the Chinchilla paper's Figure 4 points (Besiroglu et al. 2024, arXiv:2404.10102),
+# shipped with the tests
 CHINCHILLA_CSV = os.path.join(ROOT, "tests", "data", "chinchilla_svg_extracted_data.csv")
 
 

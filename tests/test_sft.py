@@ -8,6 +8,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,11 +21,11 @@ import sft
 import train
 from configurator import UserError
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
+from tokenizer import chat_template, load_tokenizer, marker_ids, parse_chat, render_chat
 
 CHARS = "\n abcdefghijklmnopqrstuvwxyz0123456789?.,'"
 TOKENIZER = load_tokenizer({"kind": "char", "chars": CHARS})
-SPECIAL = sft.chat_template(TOKENIZER, 64)
+SPECIAL = chat_template(TOKENIZER, 64)
 TEXT = {"user": "user, ", "assistant": "bot, ", "end_of_turn": "\n\n", "system": "sys, "}
 PRETRAIN = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=48", "--block_size=64", "--batch_size=16",
             "--eval_iters=4", "--sample_tokens=0", "--warmup_iters=10", "--learning_rate=3e-3", "--out_dir=base"]
@@ -55,9 +57,18 @@ def read_log(out_dir):
 
 def test_special_tokens_sit_in_the_padding_rows_and_text_markers_are_the_fallback():
     assert SPECIAL == {"user": [43], "assistant": [44], "end_of_turn": [45], "system": [46]}
-    assert isinstance(sft.chat_template(load_tokenizer({"kind": "char", "chars": CHARS + "<|>"}), 45)["user"], str)
+    assert isinstance(chat_template(load_tokenizer({"kind": "char", "chars": CHARS + "<|>"}), 45)["user"], str)
     with pytest.raises(UserError, match="not in the char vocabulary"):
-        sft.chat_template(TOKENIZER, 43)  # no room for special tokens, and no "<|>" to write markers with
+        chat_template(TOKENIZER, 43)  # no room for special tokens, and no "<|>" to write markers with
+
+
+def test_the_chat_template_lives_below_the_stages():
+    # tokenizer.py holds it, so sft.py needs no sample.py (a stage beside it) and the template no torch
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, tokenizer; light = 'torch' not in sys.modules; import sft; "
+            "print(light, 'sample' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "False"]
 
 
 @pytest.mark.parametrize("template", [SPECIAL, TEXT], ids=["special", "text"])
@@ -65,10 +76,10 @@ def test_the_template_renders_and_parses_back(template):
     messages = [dict(role="system", content="be brief."), dict(role="user", content="what is 2 plus 2?"),
                 dict(role="assistant", content="2 plus 2 is 4."), dict(role="user", content="and 3 plus 3?"),
                 dict(role="assistant", content="6.")]
-    ids, trained = sample.render_chat(TOKENIZER, template, messages)
-    assert sft.parse_chat(TOKENIZER, template, ids) == messages
+    ids, trained = render_chat(TOKENIZER, template, messages)
+    assert parse_chat(TOKENIZER, template, ids) == messages
     # what carries loss is exactly the assistant's words and their end_of_turn
-    end = sample.marker_ids(TOKENIZER, template["end_of_turn"])
+    end = marker_ids(TOKENIZER, template["end_of_turn"])
     assert [i for i, t in zip(ids, trained) if t] == TOKENIZER.encode("2 plus 2 is 4.") + end + TOKENIZER.encode("6.") + end
 
 
@@ -142,7 +153,7 @@ def test_long_conversations_split_between_exchanges_never_inside_one():
     ids, trained, starts = sft.encode(TOKENIZER, SPECIAL, messages, mask_prompt=True)
     pieces, cut = sft.fit_to_context(ids, trained, starts, 60, "split")
     assert len(pieces) > 1 and cut == 0
-    parsed = [sft.parse_chat(TOKENIZER, SPECIAL, piece) for piece, _ in pieces]
+    parsed = [parse_chat(TOKENIZER, SPECIAL, piece) for piece, _ in pieces]
     assert all(len(piece) <= 60 for piece, _ in pieces)
     assert parsed[0][0]["role"] == "system"
     assert [m for p in parsed for m in p] == messages  # every exchange whole, in order, in exactly one piece
@@ -161,7 +172,7 @@ def test_rows_are_full_and_hold_whole_conversations(tmp_path):
         assert set(row[end:]) <= {TOKENIZER.eot_id}
         starts = [i for i, t in enumerate(row[:end]) if t == TOKENIZER.eot_id] + [end]
         for a, b in zip(starts, starts[1:]):
-            assert [m["role"] for m in sft.parse_chat(TOKENIZER, SPECIAL, row[a:b])] == ["user", "assistant"]
+            assert [m["role"] for m in parse_chat(TOKENIZER, SPECIAL, row[a:b])] == ["user", "assistant"]
     assert ((rows == TOKENIZER.eot_id) & ~masks).mean() < 0.25  # first-fit packing leaves little room unused
 
 
@@ -188,7 +199,7 @@ def test_fine_tuning_beats_the_base_model_and_chats_in_the_template(base_run, ca
     assert tuned < base - 1.0, (base, tuned)
     checkpoint = runtime.load_checkpoint("out-sft/ckpt.pt")
     tokenizer = load_tokenizer(checkpoint["tokenizer"])
-    assert checkpoint["chat_template"] == sft.chat_template(tokenizer, 64)
+    assert checkpoint["chat_template"] == chat_template(tokenizer, 64)
     # sample.py --chat renders with the stored template and the reply ends at end_of_turn
     replies = iter(["what is 12 plus 30?"])
 
@@ -277,7 +288,7 @@ def test_the_offline_demo_fits_the_quick_start_model():
         with open(path, encoding="utf-8") as f:
             chars |= set(prepare.markdown_play_to_text(f.read()))
     tokenizer = load_tokenizer({"kind": "char", "chars": "".join(sorted(chars))})
-    template = sft.chat_template(tokenizer, 128)
+    template = chat_template(tokenizer, 128)
     conversations = sft.demo_conversations(500, 0)
     kinds = {c[0]["content"].split()[0] for c in conversations}
     assert kinds == {"Which", "Give", "Add"}
@@ -296,7 +307,7 @@ def test_the_offline_demo_beats_the_base_model_by_a_margin(tmp_path, monkeypatch
     sft.main(["--init_from=base", "--sources=demo@1000", "--lr_fraction=1", "--max_iters=150",
               "--eval_interval=150", "--sample_tokens=0"])
     evals = [r for r in read_log("out-sft") if "val_loss" in r]
-    assert evals[0]["val_loss"] - evals[-1]["val_loss"] > 1.0, evals  # measured: 3.37 -> 2.08
+    assert evals[0]["val_loss"] - evals[-1]["val_loss"] > 1.0, evals  # it falls by well over 1 nat: a margin
     assert "held-out demo questions answered exactly (greedy)" in capsys.readouterr().out
 
 
