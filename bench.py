@@ -25,7 +25,11 @@ keys replace it with the config's model). Weights are random: speed does not dep
   recompute, nanoGPT  nanoGPT's way: crop to block_size, full forward, sample from the last logits, every
                       token; float32, torch's default threads and attention kernel
   recompute, same     the same recompute under sample.py's dtype and decoding settings (like for like)
-The KV-cache rows are the median of `repeats` runs; each recompute row is one run (it takes minutes).
+  transformers        Hugging Face transformers' own generate, with its cache, on the same model exported by
+                      export.to_hf (GPT-2's architecture only); float32, torch's default threads
+  python sample.py    the whole command on the same model saved as a run: start-up, loading, new_tokens tokens;
+                      its speed-up is against the recompute's generation alone, nanoGPT's start-up not counted
+The KV-cache and transformers rows are the median of `repeats` runs; each recompute row is one run (it takes minutes).
 
 prepare: MB/s (UTF-8 bytes of text per second) of `prepare.main` end to end (reading, tokenizer vocabulary
 or training pass, encoding with one process per CPU, writing .bin files) on the built-in Shakespeare plays
@@ -55,21 +59,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-# The same OpenMP setting as sample.py (see there why), so the benchmark measures what sample.py runs. The
-# speedrun's train.py commands get the environment as it was, since train.py runs with the user's setting.
-USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import configurator  # before torch: it sets OpenMP's wait policy
 import torch
 
-import configurator
 import prepare
 import sample
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS, sample_token
 from sample import SampleConfig
 from tokenizer import CharTokenizer, load_tokenizer
-from runtime import compile_wanted, mfu, peak_flops, pick_device, precision
+from runtime import CHECKPOINT_VERSION, compile_wanted, mfu, peak_flops, pick_device, precision
 from train import MODEL_KEYS, TrainConfig, build_model_config, make_optimizers
 
 
@@ -198,13 +197,22 @@ def bench_generation(cfg, tcfg, scfg, overrides, device):
                 token = sample_token(logits[:, -1], scfg.temperature, scfg.top_k, scfg.top_p, generator)
                 idx = torch.cat((idx, token[:, None]), dim=1)
 
+    def transformers_generate(model, steps, context):
+        torch.manual_seed(scfg.seed)  # transformers samples from torch's global generator
+        idx = torch.full((1, 1), tokenizer.eot_id, device=device)
+        model.generate(idx, max_new_tokens=steps, min_new_tokens=steps, do_sample=scfg.temperature > 0,
+                       temperature=scfg.temperature or None, top_k=scfg.top_k or None, pad_token_id=tokenizer.eot_id)
+
     name = lambda d, t: f"{str(d)[6:]}, {t} thread{'s' * (t > 1)}"  # noqa: E731
+    plain_threads = name(torch.float32, default_threads)
     rows = [("kv_cache", "KV cache (sample.py)", name(dtype, threads), kv_cache, tuned, settings, cfg.repeats),
-            ("kv_cache_plain", "KV cache (plain)", name(torch.float32, default_threads), kv_cache, plain,
-             contextlib.nullcontext, cfg.repeats),
-            ("recompute", "recompute (nanoGPT)", name(torch.float32, default_threads), recompute, plain,
-             contextlib.nullcontext, 1),
+            ("kv_cache_plain", "KV cache (plain)", plain_threads, kv_cache, plain, contextlib.nullcontext, cfg.repeats),
+            ("recompute", "recompute (nanoGPT)", plain_threads, recompute, plain, contextlib.nullcontext, 1),
             ("recompute_same", "recompute (same)", name(dtype, threads), recompute, tuned, settings, 1)]
+    if model_cfg.pos_emb == "learned" and model_cfg.mlp == "gelu" and not model_cfg.moe_experts:  # GPT-2's shape
+        from export import to_hf
+        rows.append(("transformers", "transformers generate", plain_threads, transformers_generate,
+                     to_hf(plain, "gpt2"), contextlib.nullcontext, cfg.repeats))
     result = dict(new_tokens=n, model=dataclasses.asdict(model_cfg), device=device.type)
     print(f"generation: {n} new tokens, batch 1, {model_cfg.n_layer} layers x {model_cfg.n_embd}, context {block}, "
           f"vocabulary {model_cfg.vocab_size}, {device.type}")
@@ -214,11 +222,31 @@ def bench_generation(cfg, tcfg, scfg, overrides, device):
                                                              for _ in range(repeats))
         result[f"{key}_settings"] = how
         print(f"  {label:<22}{result[f'{key}_tok_per_sec']:>12.1f} tok/s   {how}")
+    result.update(sample_command(plain, tokenizer, n, scfg))
+    print(f"  {'python sample.py':<22}{result['sample_command_seconds']:>12.1f} s       the whole command, start-up included")
     result["speedup"] = result["kv_cache_tok_per_sec"] / result["recompute_tok_per_sec"]
     result["speedup_same_settings"] = result["kv_cache_tok_per_sec"] / result["recompute_same_tok_per_sec"]
+    result["speedup_whole_command"] = n / result["recompute_tok_per_sec"] / result["sample_command_seconds"]
     print(f"  {'speed-up vs nanoGPT':<22}{result['speedup']:>12.1f}x")
     print(f"  {'speed-up like for like':<22}{result['speedup_same_settings']:>12.1f}x")
+    print(f"  {'whole sample.py':<22}{result['speedup_whole_command']:>12.1f}x   against the recompute's generation alone")
     return result
+
+
+def sample_command(model, tokenizer, new_tokens, scfg):
+    """Seconds of `python sample.py` generating new_tokens from `model` saved as a run, start-up included."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        torch.save(dict(version=CHECKPOINT_VERSION, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+                        config={}, tokenizer=tokenizer.spec, state=dict(step=0)), os.path.join(run_dir, "ckpt.pt"))
+        command = [sys.executable, os.path.join(configurator.ROOT, "sample.py"), f"--out_dir={run_dir}",
+                   f"--max_new_tokens={new_tokens}", f"--seed={scfg.seed}", f"--dtype={scfg.dtype}",
+                   f"--threads={scfg.threads}", f"--temperature={scfg.temperature}", f"--top_k={scfg.top_k}"]
+        start = time.perf_counter()
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seconds = time.perf_counter() - start
+    if done.returncode:
+        raise UserError(f"python sample.py failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return dict(sample_command_seconds=seconds)
 
 
 def corpus(megabytes):
@@ -269,9 +297,6 @@ def bench_speedrun(cfg, tcfg, scfg, overrides, device):
     """Whole `python train.py <command>` runs, one after the other, as a user runs them: wall clock with
     start-up, compilation and evaluation, and the validation losses in the run's log.jsonl. The data must be
     prepared first (python prepare.py <config>)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if USER_OMP_WAIT_POLICY is not None:
-        env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
     runs = []
     print("speedrun: whole train.py commands, one after the other")
     for command in cfg.speedrun.split(","):
@@ -281,7 +306,7 @@ def bench_speedrun(cfg, tcfg, scfg, overrides, device):
         try:
             command_line = [sys.executable, os.path.join(configurator.ROOT, "train.py"), *args,
                             "--overwrite=True"]  # a speedrun run again starts each run over in its out_dir
-            done = subprocess.run(command_line, env=env,
+            done = subprocess.run(command_line,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   timeout=cfg.speedrun_limit or None)
             if done.returncode:

@@ -18,6 +18,12 @@ import types
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# OpenMP threads that spin while they wait (libgomp's default) take the cores from the main thread whenever
+# the CPU is shared: beside one busy process, training ran 1.8x slower spinning than waiting passively; alone,
+# 8% faster (RESULTS.md). A shared CPU must not collapse a run, so passive it is, unless the environment says
+# otherwise. OpenMP reads it once, when torch loads, so the scripts import this module before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 class UserError(Exception):
     """Bad input from the user: the scripts print its message as one line and exit."""

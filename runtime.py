@@ -5,8 +5,13 @@ export.py, bench.py and scaling.py import it; it imports only torch.
 """
 
 import contextlib
+import json
+import math
 import os
+import platform
 import signal
+import sys
+import time
 
 import torch
 
@@ -60,12 +65,14 @@ def pick_device(name):
     return torch.device("cpu")
 
 
-def pick_dtype(name, device):
+def pick_dtype(name, device, use="train"):
+    """The dtype for --dtype=name. "auto": bfloat16 on GPUs that have it, float16 on older GPUs, and on a CPU
+    whichever of float32 and bfloat16 the probe below measured faster for this use ("train" or "decode")."""
     if name == "auto":
         if device.type == "cuda":
             name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         else:
-            name = "float32"
+            name = cpu_dtype(use) if device.type == "cpu" else "float32"
     if name not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
     return getattr(torch, name)
@@ -73,7 +80,8 @@ def pick_dtype(name, device):
 
 def precision(name, device):
     """The dtype, the autocast context the forward pass runs under, and the gradient scaler: bf16 autocast
-    and TF32 on GPUs that have them, fp16 with loss scaling on older GPUs, plain fp32 on the CPU."""
+    and TF32 on GPUs that have them, fp16 with loss scaling on older GPUs, and on a CPU the faster of fp32
+    and bf16 autocast as measured (pick_dtype)."""
     dtype = pick_dtype(name, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
@@ -90,6 +98,86 @@ def compile_wanted(setting, device):
     if setting not in ("auto", "true", "on", "1", "false", "off", "0"):
         raise UserError(f"compile must be auto, true or false, got {setting!r}")
     return setting in ("true", "on", "1") or (setting == "auto" and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- the CPU probe
+# Whether bf16 pays on a CPU cannot be read from its flags: with AVX512-BF16, one 2-core EPYC ran bf16 matrix
+# products 2.5x faster than fp32 and a Xeon 0.55x as fast; without native bf16 they are emulated, hundreds of
+# times slower. So "auto" times both here, once per machine, torch version and thread count (RESULTS.md).
+
+# the share of float32's time bf16 must beat: training casts every weight to bf16 at each forward (autocast),
+# so it needs a clear win; decoding stores the weights in bf16 once and only reads them
+BF16_MARGIN = dict(train=0.8, decode=0.9)
+# (rows, inner, columns, threads) of the timed products: a micro-batch through a hidden layer on every core,
+# and one token through a wide layer on one thread, as sample.py decodes
+PROBE_SHAPES = dict(train=(128, 512, 512, 0), decode=(1, 1024, 2048, 1))
+_reported = set()
+
+
+def probe_cache_path():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "small-lm", "cpu_probe.json")
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def fastest_time(a, b, repeats, give_up_after):
+    """The best of `repeats` timed products; stops early once even the best is slower than give_up_after."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+        if best > give_up_after:
+            break
+    return best
+
+
+def measure_cpu():
+    """Seconds per product in float32 and bfloat16 for each PROBE_SHAPES use: well under a second, since
+    an emulated bf16 is timed once and given up on."""
+    saved, times = torch.get_num_threads(), {}
+    try:
+        for use, (m, k, n, threads) in PROBE_SHAPES.items():
+            torch.set_num_threads(threads or saved)
+            a, b = torch.randn(m, k), torch.randn(k, n)
+            fp32 = fastest_time(a, b, repeats=10, give_up_after=math.inf)
+            bf16 = fastest_time(a.bfloat16(), b.bfloat16(), repeats=10, give_up_after=3 * fp32)
+            times[use] = dict(float32=fp32, bfloat16=bf16)
+    finally:
+        torch.set_num_threads(saved)
+    return times
+
+
+def cpu_dtype(use):
+    """"float32" or "bfloat16", whichever this CPU runs faster for `use`, from the cached probe (measured on
+    first use); the choice and its figures are printed once per process."""
+    key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    path = probe_cache_path()
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = measure_cpu()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_atomically(path, json.dumps(cache, indent=1))
+        except OSError:  # a read-only home: measure again next time
+            pass
+    times = cache[key][use]
+    choice = "bfloat16" if times["bfloat16"] < BF16_MARGIN[use] * times["float32"] else "float32"
+    if use not in _reported:
+        _reported.add(use)
+        print(f"cpu probe ({key}): {use} product {1e3 * times['float32']:.2f} ms in float32, "
+              f"{1e3 * times['bfloat16']:.2f} ms in bfloat16 -> {choice} (cached in {path})", file=sys.stderr)
+    return choice
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -15,15 +15,10 @@ import os
 import sys
 from dataclasses import dataclass
 
-# Decoding runs hundreds of tiny operations per token; OpenMP threads that spin between them (its default)
-# take the cores from the main thread whenever the CPU is shared (RESULTS.md has the measurement). Set
-# before torch loads OpenMP; a value already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import configurator  # before torch: it sets OpenMP's wait policy
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import configurator
 from configurator import UserError
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, marker_ids, render_chat, sampleable_vocab_size
@@ -44,7 +39,7 @@ class SampleConfig:
     system: str = ""                 # chat: a system message, if the template has a system marker
     seed: int = 1337
     device: str = "auto"             # "auto" picks cuda, then mps, then cpu
-    dtype: str = "auto"              # "auto": bfloat16 on GPUs and CPUs that have it, else float32 (see decoding_dtype)
+    dtype: str = "auto"              # "auto": bfloat16 on GPUs; on a CPU the faster of float32 and bfloat16, measured
     threads: int = 0                 # CPU threads while decoding; 0 = auto: 1 (see decoding)
 
 
@@ -61,6 +56,30 @@ def printable(tokenizer, ids, stop_text=None):
         return text[:text.index(stop_text)], True
     held = next((n for n in range(min(len(stop_text) - 1, len(text)), 0, -1) if stop_text.startswith(text[-n:])), 0)
     return text[:len(text) - held], False
+
+
+class TextStream:
+    """The text of a growing list of ids, decoded incrementally, so that printing costs the same per token however
+    long the output grows. A suffix decoded alone could lose a leading space (SentencePiece) or split a character
+    over byte tokens, so new text is decode(context + new ids) minus decode(context), with the context the ids
+    printed last; a trailing U+FFFD (a character whose bytes are not all generated) waits for the next token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.context_start, self.printed = tokenizer, [], 0, 0
+
+    def push(self, token):
+        if token < self.tokenizer.vocab_size:  # the padding rows and template specials have no text
+            self.ids.append(token)
+        return self.flush(final=False)
+
+    def flush(self, final=True):
+        decode = self.tokenizer.decode
+        context = decode(self.ids[self.context_start:self.printed])
+        text = decode(self.ids[self.context_start:])
+        if len(text) <= len(context) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.context_start, self.printed = self.printed, len(self.ids)
+        return text[len(context):]
 
 
 class Chat:
@@ -128,18 +147,15 @@ class Chat:
 
 # ----------------------------------------------------------------------------- loading and the two modes
 # Decoding at batch 1 on a CPU is a stream of small matrix-vector products that read every weight once per
-# token, so it is bound by memory, not arithmetic. The settings below (bf16 weights, one thread, math
+# token, so it is bound by memory, not arithmetic. The settings below (bf16 weights where measured faster, one thread, math
 # attention) make it faster at the same validation loss, though greedy text can part ways at near-ties;
 # RESULTS.md has the figures (bench.py --only=generation).
 
 
 def decoding_dtype(name, device):
-    """runtime.pick_dtype's choice, except that "auto" on a CPU with native bf16 instructions is bfloat16:
-    half the bytes to read per token (a small model's weights may then fit the CPU's last-level cache).
-    Without those instructions bf16 matmuls are emulated and slower than float32, so float32 stays."""
-    if name == "auto" and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return pick_dtype(name, device)
+    """runtime.pick_dtype's choice for decoding: on a CPU where bf16 products are measured faster, the weights
+    are stored in bf16, half the bytes to read per token (a small model may then fit the last-level cache)."""
+    return pick_dtype(name, device, use="decode")
 
 
 @contextlib.contextmanager
@@ -227,16 +243,12 @@ def sample(model, tokenizer, cfg, out):
     generator = torch.Generator(device).manual_seed(cfg.seed)
     for _ in range(cfg.num_samples):
         out.write(text)
-        new, shown = [], ""
+        stream = TextStream(tokenizer)
         for token in model.generate(torch.tensor([ids], device=device), cfg.max_new_tokens, cfg.temperature,
                                     cfg.top_k, cfg.top_p, generator, vocab_size=tokenizer.vocab_size):
-            new.append(token.item())
-            # decode everything so far and print what is new: a character split over byte tokens stays whole
-            ready = printable(tokenizer, new)[0]
-            out.write(ready[len(shown):])
+            out.write(stream.push(token.item()))
             out.flush()
-            shown = ready
-        out.write(tokenizer.decode(new)[len(shown):] + "\n" + "-" * 40 + "\n")
+        out.write(stream.flush() + "\n" + "-" * 40 + "\n")
         out.flush()
 
 

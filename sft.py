@@ -21,7 +21,7 @@ of a source; `weight` scales how many of its training conversations enter the mi
 0.5 = a random half). Every 1/val_fraction-th conversation of each source is held out for validation.
 
 The loop is train.py's (optimizers, schedule, checkpoints, logging, resume, torchrun): this file only
-turns conversations into packed rows and starts train.run from the pretrained weights. The chat template
+turns conversations into packed rows and starts train.launch from the pretrained weights. The chat template
 is stored in the checkpoint, so `sample.py --chat` renders conversations exactly as they were trained.
 """
 
@@ -33,10 +33,10 @@ import random
 import re
 from dataclasses import dataclass
 
+import configurator  # before torch: it sets OpenMP's wait policy
 import numpy as np
 import torch
 
-import configurator
 from configurator import UserError
 from model import GPTConfig
 from prepare import is_val, markdown_play_to_text, offline_unless_hub_reachable, shakespeare_plays
@@ -63,7 +63,7 @@ class SFTConfig:
 
 
 # The fine-tuning run's own defaults, under whatever the config file and command line set. On the offline
-# demo from the Quick-start model the validation loss flattens between 750 and 1,000 steps (see the README).
+# demo from the Quick-start model the validation loss flattens between 750 and 1,000 steps (RESULTS.md).
 SFT_DEFAULTS = dict(init_from="out", out_dir="out-sft", max_iters=1000, warmup_iters=50, eval_interval=250,
                     eval_iters=10, sample_tokens=80, log_interval=50)
 
@@ -293,7 +293,7 @@ def pack(pieces, row_len, pad_id, open_rows=64):
 
 
 class PackedChats:
-    """Conversations packed into rows of block_size + 1 tokens; train.run draws whole rows. The targets of
+    """Conversations packed into rows of block_size + 1 tokens; the training loop draws whole rows. The targets of
     positions that carry no loss (prompts, padding) are -1, the loss's ignore index."""
 
     def __init__(self, cfg, seed, tokenizer, template, block_size, checkpoint_fields, say):

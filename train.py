@@ -21,15 +21,15 @@ import signal
 import time
 from dataclasses import dataclass
 
+import configurator  # before torch: it sets OpenMP's wait policy
 import numpy as np
 import torch
 import torch.distributed as dist
 
-import configurator
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS
 from prepare import load_meta
-from runtime import (StopSignals, compile_wanted, end_process, load_checkpoint, load_init, mfu, peak_flops,
+from runtime import (StopSignals, compile_wanted, cpu_dtype, end_process, load_checkpoint, load_init, mfu, peak_flops,
                      precision, restore_training, save_checkpoint, start_process, training_snapshot, write_atomically)
 from tokenizer import load_tokenizer
 
@@ -400,11 +400,27 @@ def make_optimizers(model, cfg, device):
     optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                     fused=device.type == "cuda")]
     if hidden:
+        if device.type == "cpu" and cpu_dtype("train") == "float32":
+            torch.optim._muon._zeropower_via_newtonschulz = float32_newton_schulz
         optimizers.append(torch.optim.Muon(list(hidden.values()), lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
     return optimizers
+
+
+def float32_newton_schulz(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's orthogonalisation, Keller Jordan's quintic Newton-Schulz iteration, in float32 instead of
+    its fixed bf16: on a CPU whose bf16 the probe measured slower (emulated), bf16 made every Muon step seconds long."""
+    a, b, c = ns_coefficients
+    x = grad.float()
+    tall = x.size(0) > x.size(1)
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=eps)  # a spectral norm of at most 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
 
 
 def open_run_dir(out_dir, resolved, log, resumed_step):

@@ -44,8 +44,9 @@ grad_clip = 1.0
 batch_size = 32
 max_iters = 200
 
-# bf16 autocast on the CPU: faster steps at about the same validation loss (on a CPU with bf16 instructions)
-dtype = "bfloat16"
+# the faster of fp32 and bf16 autocast on this CPU, as measured by runtime.py's probe: bf16 was faster on one
+# CPU and half as fast on another, at about the same validation loss
+dtype = "auto"
 
 # evaluation only at step 0 (always done) and at the end; same eval_iters as the baseline.
 # Note: the validation batches are eval_iters x batch_size sequences, so 20 x 32 here vs 20 x 12 there.

@@ -38,9 +38,10 @@ def test_every_benchmark_runs_and_writes_its_keys(tmp_path, capsys):
     assert training["mfu"] is None  # no peak known for a CPU and none given
 
     generation = results["generation"]
-    for key in ("kv_cache", "kv_cache_plain", "recompute", "recompute_same"):
+    for key in ("kv_cache", "kv_cache_plain", "recompute", "recompute_same", "transformers"):
         assert generation[f"{key}_tok_per_sec"] > 0 and generation[f"{key}_settings"]
     assert generation["speedup"] > 0 and generation["speedup_same_settings"] > 0
+    assert generation["sample_command_seconds"] > 0 and generation["speedup_whole_command"] > 0
     assert generation["new_tokens"] == 12 and generation["model"]["n_embd"] == 32
 
     tokenizers = results["prepare"]["tokenizers"]

@@ -121,6 +121,32 @@ def test_a_character_split_over_byte_tokens_is_printed_whole():
     assert sample.printable(tokenizer, ids) == ("né", False)
 
 
+def byte_and_sentencepiece_tokenizers():
+    import sentencepiece as spm
+    text = "ROMEO: né à Köln, 대통령은 이번 행사를 통해\n  two  spaces and digits 12345\n" * 20
+    proto = io.BytesIO()  # byte fallback and kept whitespace, as prepare.py trains it
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines(True)), model_writer=proto, vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, unk_id=0, bos_id=-1, eos_id=1, pad_id=-1,
+                                   minloglevel=2)
+    ranks = "\n".join(f"{base64.b64encode(bytes([i])).decode()} {i}" for i in range(256))
+    return [load_tokenizer({"kind": "tiktoken", "ranks": ranks}),
+            load_tokenizer({"kind": "sp", "model": base64.b64encode(proto.getvalue()).decode()})]
+
+
+@pytest.mark.parametrize("tokenizer", byte_and_sentencepiece_tokenizers(), ids=["bytes", "sentencepiece"])
+def test_streamed_text_equals_the_whole_decode_and_decodes_only_the_last_ids(tokenizer):
+    rng = random.Random(0)
+    ids = [rng.randrange(tokenizer.vocab_size) for _ in range(600)] + tokenizer.encode(" né 대통령은  x")
+    decoded_lengths = []
+    real_decode = tokenizer.decode
+    tokenizer.decode = lambda part: decoded_lengths.append(len(part)) or real_decode(part)
+    stream = sample.TextStream(tokenizer)
+    text = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert text == real_decode(ids)  # random ids too: invalid byte sequences, split characters, leading spaces
+    assert max(decoded_lengths) <= 32  # a short window (a run of invalid bytes waits longer), never all 600
+
+
 def test_checkpoints_written_by_train_py_generate(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rng = random.Random(0)

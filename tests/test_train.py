@@ -329,3 +329,50 @@ def test_resume_on_other_data_is_refused_and_a_half_written_log_line_is_dropped(
         f.write('{"step": 5, "train_lo')  # a crash while appending
     train.main(TINY + ["--out_dir=run", "--resume", "--max_iters=8", "--eval_interval=4", "--log_interval=1"])
     assert sorted(train_losses("run")) == list(range(1, 9))
+
+
+def test_auto_dtype_on_a_cpu_is_the_one_measured_faster_and_the_measurement_is_cached(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(runtime, "_reported", set())
+    measured = []
+
+    def probe_that_finds(train_bf16, decode_bf16):
+        def measure():
+            measured.append(1)
+            return dict(train=dict(float32=1.0, bfloat16=train_bf16), decode=dict(float32=1.0, bfloat16=decode_bf16))
+        return measure
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "measure_cpu", probe_that_finds(train_bf16=0.5, decode_bf16=2.0))
+    assert runtime.pick_dtype("auto", cpu) == torch.bfloat16
+    assert runtime.pick_dtype("auto", cpu, use="decode") == torch.float32
+    assert "train product 1000.00 ms in float32, 500.00 ms in bfloat16 -> bfloat16" in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "measure_cpu", probe_that_finds(train_bf16=3.0, decode_bf16=3.0))
+    assert runtime.pick_dtype("auto", cpu) == torch.bfloat16 and measured == [1]  # read from the cache
+    assert runtime.pick_dtype("float32", cpu) == torch.float32 and runtime.pick_dtype("bfloat16", cpu) == torch.bfloat16
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))  # a new machine, as the cache sees it
+    monkeypatch.setattr(runtime, "measure_cpu", probe_that_finds(train_bf16=0.85, decode_bf16=0.85))
+    assert runtime.pick_dtype("auto", cpu) == torch.float32  # a win too small to pay for autocast's casts
+    assert runtime.pick_dtype("auto", cpu, use="decode") == torch.bfloat16  # stored in bf16, no casts
+
+
+def test_the_real_probe_times_both_dtypes_for_both_uses():
+    times = runtime.measure_cpu()
+    assert set(times) == {"train", "decode"}
+    assert all(0 < t < math.inf for use in times.values() for t in (use["float32"], use["bfloat16"]))
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64)])
+def test_float32_newton_schulz_is_torch_muons_orthogonalisation_without_bf16(shape):
+    import importlib.util
+    spec = importlib.util.find_spec("torch.optim._muon")  # a fresh copy: a Muon run in this process may have
+    pristine = importlib.util.module_from_spec(spec)       # replaced the function train.py replaces
+    spec.loader.exec_module(pristine)
+    torch_bf16 = pristine._zeropower_via_newtonschulz
+    grad = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    ours = train.float32_newton_schulz(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    assert ours.dtype == torch.float32 and ours.shape == grad.shape
+    torch.testing.assert_close(ours, torch_bf16(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float(), atol=0.05, rtol=0)
+    singular_values = torch.linalg.svdvals(ours)
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.5  # near-orthogonal, as Muon wants
