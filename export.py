@@ -24,12 +24,12 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import configurator  # before torch: it sets OpenMP's wait policy
 import torch
 
-import configurator
 from configurator import UserError
 from model import GPT, GPTConfig
-from tokenizer import EOT_TEXT, load_tokenizer
+from tokenizer import EOT_TEXT, chat_template_jinja, load_tokenizer
 from runtime import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 
 
@@ -164,25 +164,6 @@ def hf_tokenizer(tok):
             f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
         backend = TikTokenConverter(path, pattern=tok.enc._pat_str, extra_special_tokens=[EOT_TEXT]).converted()
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT)
-
-
-def chat_template_jinja(template, tok, specials):
-    """sample.render_chat as Jinja: end-of-text, then per message role marker + content + end_of_turn; or None
-    when a marker holds an id that has no text of its own (a regular token given by id)."""
-    def text(marker):
-        if isinstance(marker, str):
-            return marker
-        if all(i in specials for i in marker):
-            return "".join(specials[i] for i in marker)
-        return None
-    markers = {role: text(m) for role, m in template.items()}
-    if None in markers.values():
-        return None
-    roles = "{% set m = " + json.dumps({r: t for r, t in markers.items() if r != "end_of_turn"}, ensure_ascii=False) + " %}"
-    return (roles + "{{ " + json.dumps(specials[tok.eot_id]) + " }}{% for message in messages %}"
-            "{% if message['role'] not in m %}{{ raise_exception('no marker for role ' + message['role']) }}{% endif %}"
-            "{{ m[message['role']] + message['content'] + " + json.dumps(markers["end_of_turn"], ensure_ascii=False) + " }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ m['assistant'] }}{% endif %}")
 
 
 def export(cfg):

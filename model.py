@@ -1,27 +1,28 @@
-"""
-One readable GPT, classic (GPT-2) or modern (RoPE, RMSNorm, ReLU^2 or SwiGLU, QK-norm), with an
-optional DeepSeekMoE block, KV-cache generation, and the parameter and FLOP counts used to plan runs.
-
-References:
-1) GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners".
-2) RoPE: Su et al. 2021, "RoFormer" (arXiv:2104.09864).
-3) DeepSeekMoE: Dai et al. 2024 (arXiv:2401.06066); loss-free balancing: DeepSeek-V3 (arXiv:2412.19437).
-"""
+"""One readable GPT, classic (GPT-2) or modern (RoPE, RMSNorm, ReLU^2 or SwiGLU, QK-norm), with an optional
+DeepSeekMoE block, KV-cache generation, and the parameter and FLOP counts used to plan runs. References:
+GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"); RoPE (Su et al. 2021,
+"RoFormer", arXiv:2104.09864); DeepSeekMoE (Dai et al. 2024, arXiv:2401.06066) balanced as DeepSeek-V3 (arXiv:2412.19437)."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Architecture fields only; GPTConfig defaults equal "classic". Sizes (n_layer, n_embd, ...) are set apart.
+# Architecture fields only (GPTConfig defaults equal "classic"; sizes are set apart). classic is GPT-2; modern is
+# the recipe of recent open models and speedruns, where mlp="swiglu" (LLaMA) is the other choice.
 PRESETS = {
-    # GPT-2: learned positions, LayerNorm, GELU, biases, the output head tied to the token table
     "classic": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, qk_norm=False, tie_embeddings=True),
-    # the recipe of recent open models and speedruns; mlp="swiglu" (LLaMA) is the other modern choice
     "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", bias=False, qk_norm=True, tie_embeddings=False),
 }
+CHOICES = dict(pos_emb=("learned", "rope"), norm=("layernorm", "rmsnorm"), mlp=("gelu", "swiglu", "relu2"))
+SIZES = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "moe_top_k", "moe_every")
+
+
+def require(ok, message):
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass
@@ -51,35 +52,23 @@ class GPTConfig:
     moe_aux_loss: float = 0.0        # coefficient of the classic auxiliary balance loss; 0 = off
 
     def __post_init__(self):
-        for name, choices in (("pos_emb", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                              ("mlp", ("gelu", "swiglu", "relu2"))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {getattr(self, name)!r}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "moe_top_k", "moe_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("n_kv_head", "mlp_hidden", "moe_experts", "moe_shared_experts", "moe_expert_hidden",
-                     "moe_first_dense", "moe_bias_rate", "moe_aux_loss"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_head % self.kv_heads:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        if self.pos_emb == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head dimension, got n_embd / n_head = {self.head_dim}")
-        if self.moe_experts and self.moe_top_k > self.moe_experts:
-            raise ValueError(f"moe_top_k ({self.moe_top_k}) must be at most moe_experts ({self.moe_experts})")
-        if self.moe_experts and (self.n_embd % 8 or self.expert_width % 8):
-            raise ValueError(f"MoE layers need n_embd ({self.n_embd}) and the expert width ({self.expert_width}) to be "
-                             "multiples of 8: the grouped matrix products read rows of whole 16-byte units")
-        if self.moe_experts and self.moe_first_dense >= self.n_layer:
-            raise ValueError(f"moe_first_dense ({self.moe_first_dense}) leaves no MoE layer among n_layer ({self.n_layer})")
+        for name, value in ((f.name, getattr(self, f.name)) for f in fields(self)):
+            if name in CHOICES:
+                require(value in CHOICES[name], f"{name} must be one of {', '.join(map(repr, CHOICES[name]))}, got {value!r}")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):  # sizes at least 1, other numbers 0
+                low = 1 if name in SIZES else 0
+                require(value >= low, f"{name} must be at least {low}, got {value}")
+        require(self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        require(self.n_head % self.kv_heads == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        require(self.pos_emb != "rope" or self.head_dim % 2 == 0, f"rope needs an even head dimension, got {self.head_dim}")
+        if self.moe_experts:  # the grouped products read rows of whole 16-byte units: widths in multiples of 8
+            require(self.moe_top_k <= self.moe_experts, f"moe_top_k ({self.moe_top_k}) must be at most moe_experts")
+            require(self.n_embd % 8 == 0 and self.expert_width % 8 == 0,
+                    f"MoE needs n_embd ({self.n_embd}) and the expert width ({self.expert_width}) in multiples of 8")
+            require(self.moe_first_dense < self.n_layer, f"moe_first_dense ({self.moe_first_dense}) leaves no MoE layer")
 
-    # Derived sizes are properties, not fields rewritten in __post_init__, so that a saved config
-    # keeps meaning "the default" and changing n_embd later still changes the widths that follow from it.
+    # Derived sizes are properties, not fields set in __post_init__: a saved config keeps meaning "the default"
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
@@ -89,12 +78,8 @@ class GPTConfig:
         return self.n_kv_head or self.n_head
 
     @property
-    def mlp_width(self):
-        if self.mlp_hidden:
-            return self.mlp_hidden
-        if self.mlp == "swiglu":  # three matrices instead of two: 8/3 keeps the parameters of 4x (Shazeer 2020)
-            return -(-8 * self.n_embd // (3 * 64)) * 64
-        return 4 * self.n_embd
+    def mlp_width(self):  # SwiGLU has three matrices, not two: 8/3 keeps the parameters of 4x (Shazeer 2020)
+        return self.mlp_hidden or (-(-8 * self.n_embd // (3 * 64)) * 64 if self.mlp == "swiglu" else 4 * self.n_embd)
 
     @property
     def expert_width(self):
@@ -104,25 +89,28 @@ class GPTConfig:
         return self.moe_experts > 0 and layer >= self.moe_first_dense and (layer - self.moe_first_dense) % self.moe_every == 0
 
 
+def flops_per_token(config, n_active_non_embedding):
+    """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM, Chowdhery et al. 2022, appendix B): 6N for the forward
+    and backward matmuls of the N active non-embedding parameters, plus attention over T = block_size tokens."""
+    return 6 * n_active_non_embedding + 12 * config.n_layer * config.n_head * config.head_dim * config.block_size
+
+
 class RMSNorm(nn.RMSNorm):
     """RMSNorm (Zhang & Sennrich 2019) computed in float32, as autocast does for LayerNorm: the statistics
     are more accurate, and input and weight share a dtype, without which torch skips the fused kernel."""
-
     def forward(self, x):
         return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).type_as(x)
 
 
-def make_norm(config, dim):
-    if config.norm == "layernorm":
-        return nn.LayerNorm(dim, bias=config.bias)
-    return RMSNorm(dim, eps=1e-6)  # an explicit eps: the default, finfo(dtype).eps, is large in bf16
+def make_norm(config, dim):  # RMSNorm's explicit eps: the default, finfo(dtype).eps, is large in bf16
+    return nn.LayerNorm(dim, bias=config.bias) if config.norm == "layernorm" else RMSNorm(dim, eps=1e-6)
 
 
 def rope_tables(head_dim, length, theta):
-    """cos and sin of position * theta^(-2i/head_dim) for every position and frequency i (RoFormer)."""
+    """cos and sin of position * theta^(-2i/head_dim) for every position and frequency i (RoFormer), stacked."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.stack((angles.cos(), angles.sin()))  # (2, length, head_dim / 2)
 
 
 def apply_rope(x, cos, sin):
@@ -134,23 +122,16 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated so that decoding writes
-    in place. k[layer] and v[layer] are (batch, n_kv_head, max_len, head_dim); the first `pos` positions
-    are filled. `tokens` keeps the ids themselves, so a full cache can be rebuilt from its recent half."""
-
+    """Keys and values of every layer, (n_layer, batch, n_kv_head, max_len, head_dim), preallocated so that decoding
+    writes in place; the first `pos` positions are filled. `tokens` keeps the ids, to rebuild a full cache."""
     def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype):
         self.k = torch.zeros(n_layer, batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.max_len = max_len
-        self.pos = 0
-
-    def reset(self):
-        self.pos = 0
+        self.max_len, self.pos = max_len, 0
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config, layer):
         super().__init__()
         self.layer = layer  # which slice of the KV cache is ours
@@ -160,8 +141,7 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
         self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        # QK-norm bounds the attention logits, which keeps them from growing until training diverges
-        # (Dehghani et al. 2023, "Scaling Vision Transformers to 22 Billion Parameters")
+        # QK-norm bounds the attention logits, which otherwise can grow until training diverges (Dehghani et al. 2023)
         self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
         self.dropout = config.dropout
@@ -179,20 +159,17 @@ class CausalSelfAttention(nn.Module):
             kv_cache.k[self.layer, :, :, start:end] = k
             kv_cache.v[self.layer, :, :, start:end] = v
             k, v = kv_cache.k[self.layer, :, :, :end], kv_cache.v[self.layer, :, :, :end]
-            if start > 0:
-                # SDPA aligns is_causal's mask to the top-left corner, so with T queries over `end` keys
-                # query i would see keys 0..i only, not the `start` cached ones; query i sits at position
-                # start + i and sees keys up to it. A single query sees every key and needs no mask.
-                is_causal = False
-                if T > 1:
-                    attn_mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            # SDPA aligns is_causal's mask to the top-left corner: with T queries over `end` keys, query i would see
+            # keys 0..i only, but it sits at position start + i. A single query sees every key and needs no mask.
+            is_causal = start == 0
+            if start > 0 and T > 1:
+                attn_mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
 class MLP(nn.Module):
-
     def __init__(self, config, hidden):
         super().__init__()
         self.kind = config.mlp
@@ -215,38 +192,47 @@ def activation(kind, h, gate=None):
 
 
 # torch's grouped product is one kernel only in bf16 on compute capability 9.x and 10.x GPUs (H100, H200, B200);
-# elsewhere, and in other dtypes, it reads the experts' row counts on the host and runs one product per expert.
-# torch.compile accepts it in bf16 only, so in other dtypes it runs outside the compiled graph.
+# elsewhere it runs one product per expert, and torch.compile accepts it in bf16 only: other dtypes run it eagerly.
 eager_grouped_mm = torch.compiler.disable(F.grouped_mm)
 
 
-def grouped_linear(x, linears, ends, expert_of_row):
-    """Rows ends[e-1]:ends[e] of x through linears[e], for every expert e, as one grouped matrix product. The
-    experts' weights are stacked on every call, which costs about what autocast's cast of them costs."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    weight = torch.stack([linear.weight for linear in linears]).to(dtype).transpose(1, 2)  # (experts, in, out)
-    y = (F.grouped_mm if dtype == torch.bfloat16 else eager_grouped_mm)(x.to(dtype), weight, offs=ends)
-    if linears[0].bias is not None:
-        y = y + torch.stack([linear.bias for linear in linears]).to(dtype)[expert_of_row]
-    return y
+class GroupedLinear(nn.Module):
+    """A Linear per expert, stacked: weight (experts, in, out), bias (experts, out). Rows ends[e-1]:ends[e] of x
+    go through expert e, all experts in one grouped matrix product that reads the weight as it is stored."""
+    def __init__(self, experts, d_in, d_out, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, d_in, d_out) / d_in ** 0.5)  # GPT redraws it
+        self.bias = nn.Parameter(torch.zeros(experts, d_out)) if bias else None
+
+    def forward(self, x, ends, expert_of_row):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        y = (F.grouped_mm if dtype == torch.bfloat16 else eager_grouped_mm)(x.to(dtype), self.weight.to(dtype), offs=ends)
+        return y if self.bias is None else y + self.bias.to(dtype)[expert_of_row]
 
 
 class MoE(nn.Module):
-    """DeepSeekMoE: shared experts every token uses, plus many small routed experts of which each token
-    uses top_k. Every token gets its experts (no capacity limit, nothing dropped); the load is balanced
-    by DeepSeek-V3's bias on the routing scores, optionally helped by the classic auxiliary loss."""
-
+    """DeepSeekMoE: shared experts every token uses, plus many small routed experts of which each token uses top_k,
+    all of them (no capacity limit); the load is balanced by DeepSeek-V3's bias, optionally by an auxiliary loss."""
     def __init__(self, config):
         super().__init__()
-        self.top_k, self.kind = config.moe_top_k, config.mlp
+        self.top_k, self.kind, self.n_experts = config.moe_top_k, config.mlp, config.moe_experts
         self.router = nn.Linear(config.n_embd, config.moe_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(config, config.expert_width) for _ in range(config.moe_experts))
+        C, H = config.n_embd, config.expert_width  # the routed experts: MLP's projections, stacked over experts
+        shapes = dict(c_fc=(C, H), **({"c_gate": (C, H)} if self.kind == "swiglu" else {}), c_proj=(H, C))
+        self.experts = nn.ModuleDict({n: GroupedLinear(self.n_experts, i, o, config.bias) for n, (i, o) in shapes.items()})
         # n shared experts are one MLP n times as wide: their outputs add up over disjoint hidden units
         self.shared = MLP(config, config.moe_shared_experts * config.expert_width) if config.moe_shared_experts else None
         # a buffer, not a parameter: set by update_moe_bias, not by the optimizer, but saved in checkpoints
         self.register_buffer("expert_bias", torch.zeros(config.moe_experts))
         self.register_buffer("expert_load", torch.zeros(config.moe_experts, dtype=torch.long), persistent=False)
         self.aux_loss = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):  # older checkpoints: experts.<e>.c_fc.weight, (out, in)
+        old = prefix + "experts.0."
+        for key in [k[len(old):] for k in state_dict if k.startswith(old)]:
+            stacked = torch.stack([state_dict.pop(f"{prefix}experts.{e}.{key}") for e in range(self.n_experts)])
+            state_dict[prefix + "experts." + key] = stacked.transpose(1, 2) if key.endswith("weight") else stacked
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x):
         B, T, C = x.size()
@@ -265,9 +251,9 @@ class MoE(nn.Module):
         self.expert_load.copy_(counts)
         groups = (counts.cumsum(0).to(torch.int32), flat_choice[order])  # where each expert's rows end, each row's expert
         rows = x[order // self.top_k]
-        up = grouped_linear(rows, [e.c_fc for e in self.experts], *groups)
-        gate = grouped_linear(rows, [e.c_gate for e in self.experts], *groups) if self.kind == "swiglu" else None
-        out_sorted = grouped_linear(activation(self.kind, up, gate), [e.c_proj for e in self.experts], *groups)
+        up = self.experts.c_fc(rows, *groups)
+        gate = self.experts.c_gate(rows, *groups) if self.kind == "swiglu" else None
+        out_sorted = self.experts.c_proj(activation(self.kind, up, gate), *groups)
         out = torch.empty_like(out_sorted)
         out[order] = out_sorted  # back to (token, choice) order: summing over a token's choices is deterministic
         y = (out.view(-1, self.top_k, C) * gates.to(out.dtype).unsqueeze(-1)).sum(1)
@@ -278,12 +264,11 @@ class MoE(nn.Module):
             # share of choices that went to expert i and P_i its mean normalised affinity; 1 when balanced
             share = counts.float() / flat_choice.numel()
             mean_affinity = (affinity / affinity.sum(-1, keepdim=True)).mean(0)
-            self.aux_loss = len(self.experts) * (share * mean_affinity).sum()
+            self.aux_loss = self.n_experts * (share * mean_affinity).sum()
         return y.view(B, T, C)
 
 
 class Block(nn.Module):
-
     def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = make_norm(config, config.n_embd)
@@ -298,47 +283,37 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.config = config
         layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.pos_emb == "learned":
             layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        layers.update(drop=nn.Dropout(config.dropout),
-                      h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
-                      ln_f=make_norm(config, config.n_embd))
-        self.transformer = nn.ModuleDict(layers)
+        blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.transformer = nn.ModuleDict(dict(layers, drop=nn.Dropout(config.dropout), h=blocks,
+                                              ln_f=make_norm(config, config.n_embd)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:  # one matrix reads tokens in and writes them out (Press & Wolf 2017)
             self.transformer.wte.weight = self.lm_head.weight
         if config.pos_emb == "rope":  # not persistent: recomputed from the config, never worth saving
-            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope", rope_tables(config.head_dim, config.block_size, config.rope_theta), persistent=False)
         self.moe_layers = [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
-
-        # GPT-2 initialisation: N(0, 0.02) for every matrix, and each residual branch's output projection
-        # scaled by 1/sqrt(2 * n_layer), since 2 * n_layer branches add into the residual stream.
-        # Biases start at zero; norms keep their ones and zeros.
+        # GPT-2 initialisation: N(0, 0.02) for every matrix (expert stacks too), each residual branch's output scaled by
+        # 1/sqrt(2 * n_layer) as 2 * n_layer branches add into the residual stream; biases 0, norms keep their 1s and 0s.
         for name, p in self.named_parameters():
-            if p.ndim == 2:
-                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
-            elif name.endswith("bias"):
+            if name.endswith("bias"):  # the experts' stacked biases are 2-D: the name, not ndim, tells them apart
                 nn.init.zeros_(p)
+            elif p.ndim >= 2:
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02)
 
     def forward(self, idx, targets=None, kv_cache=None):
-        T = idx.size(1)
-        start = kv_cache.pos if kv_cache is not None else 0
+        T, start = idx.size(1), (kv_cache.pos if kv_cache is not None else 0)
         if start + T > self.config.block_size:
             raise ValueError(f"{start + T} tokens exceed block_size ({self.config.block_size})")
         x = self.transformer.wte(idx)
-        rope = None
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        rope = self.rope[:, start:start + T] if self.config.pos_emb == "rope" else None  # (cos, sin)
         if kv_cache is not None:
             if start + T > kv_cache.max_len:
                 raise ValueError(f"{start + T} tokens exceed the KV cache's max_len ({kv_cache.max_len})")
@@ -349,94 +324,69 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.pos += T
-
         if targets is None:  # inference: only the last position's logits are needed to sample
             return self.lm_head(x[:, [-1], :]).float(), None
-        # the loss in float32, the logits returned as computed: returning a float32 copy makes torch.compile
-        # write one more batch x block x vocab tensor per step (6.6 GB at GPT-2's shape, batch 32), while a
-        # cast used only inside the loss fuses into it (bf16 on the CPU: 3,700 -> 5,200 tokens/s, see README)
+        # the loss in float32, the logits returned as computed: a float32 copy returned makes torch.compile write one
+        # more batch x block x vocab tensor per step (6.6 GB at GPT-2's shape, batch 32); a cast inside the loss fuses
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if self.training and self.config.moe_aux_loss > 0 and self.moe_layers:
             loss = loss + self.config.moe_aux_loss * sum(moe.aux_loss for moe in self.moe_layers)
         return logits, loss
 
-    # ------------------------------------------------------------------ counts
-
     def param_counts(self):
-        """Parameters in total, without the embeddings, and active per token (top_k of the routed experts).
-        "Embedding" means the input lookup tables only (wte, wpe): the output head does a real matmul per
-        token, so it counts as non-embedding even when tied to wte, as in nanoGPT's get_num_params."""
+        """Parameters in total, without the embeddings, and active per token (top_k of the routed experts). Embedding
+        means the input tables (wte, wpe) only: the output head, a real matmul even when tied, counts (as in nanoGPT)."""
         total = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
         embedding = self.transformer.wpe.weight.numel() if self.config.pos_emb == "learned" else 0
         if not self.config.tie_embeddings:
             embedding += self.transformer.wte.weight.numel()
-        inactive = sum((len(moe.experts) - moe.top_k) * sum(p.numel() for p in moe.experts[0].parameters())
+        inactive = sum(sum(p.numel() for p in moe.experts.parameters()) // moe.n_experts * (moe.n_experts - moe.top_k)
                        for moe in self.moe_layers)
         return dict(total=total, non_embedding=total - embedding, active=total - inactive,
                     active_non_embedding=total - embedding - inactive)
 
     def flops_per_token(self):
-        """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM, Chowdhery et al. 2022, appendix B): 6N for the
-        forward and backward matmuls of the N active non-embedding parameters, plus attention over T tokens."""
-        c = self.config
-        n = self.param_counts()["active_non_embedding"]
-        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
-
-    # ------------------------------------------------------------------ mixture of experts
+        return flops_per_token(self.config, self.param_counts()["active_non_embedding"])
 
     def moe_load(self):
         """Tokens routed to each expert in the last forward, (n_moe_layers, moe_experts); None when dense."""
-        if not self.moe_layers:
-            return None
-        return torch.stack([moe.expert_load for moe in self.moe_layers])
+        return torch.stack([moe.expert_load for moe in self.moe_layers]) if self.moe_layers else None
 
     @torch.no_grad()
     def update_moe_bias(self, load=None):
-        """DeepSeek-V3's auxiliary-loss-free balancing, after each optimizer step: raise the bias of experts
-        below the mean load, lower it above, by moe_bias_rate. `load` defaults to the last forward's counts;
-        train.py passes the counts summed over micro-steps and ranks."""
-        if not self.moe_layers:
-            return
-        if load is None:
-            load = self.moe_load()
-        for moe, layer_load in zip(self.moe_layers, load):
-            layer_load = layer_load.float()
+        """DeepSeek-V3's auxiliary-loss-free balancing, after each optimizer step: raise the bias of experts below
+        the mean load, lower it above, by moe_bias_rate. train.py passes the load summed over micro-steps and ranks."""
+        load = self.moe_load() if load is None else load
+        for moe, layer_load in zip(self.moe_layers, load.float() if self.moe_layers else ()):
             moe.expert_bias += self.config.moe_bias_rate * torch.sign(layer_load.mean() - layer_load)
-
-    # ------------------------------------------------------------------ generation
 
     def new_kv_cache(self, batch_size, max_len=None, device=None, dtype=None):
         """An empty cache; by default on the model's device, in the autocast dtype if autocast is on."""
-        max_len = max_len or self.config.block_size
-        if max_len > self.config.block_size:
-            raise ValueError(f"max_len ({max_len}) must be at most block_size ({self.config.block_size})")
+        c, max_len = self.config, max_len or self.config.block_size
+        if max_len > c.block_size:
+            raise ValueError(f"max_len ({max_len}) must be at most block_size ({c.block_size})")
         device = torch.device(device) if device is not None else self.lm_head.weight.device
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else self.lm_head.weight.dtype
-        c = self.config
         return KVCache(c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim, device, dtype)
 
     def _extend(self, kv_cache, idx):
-        """Run new tokens on top of the cache and return the last position's logits (B, V). A cache that
-        would overflow is rebuilt from the most recent half of the context, so generation can go on; with
-        learned positions that re-encodes those tokens from position 0."""
+        """Run new tokens on top of the cache and return the last position's logits (B, V). A cache that would
+        overflow is rebuilt from the most recent half of the context (learned positions restart at 0)."""
         if kv_cache.pos + idx.size(1) > kv_cache.max_len:
             idx = torch.cat((kv_cache.tokens[:, :kv_cache.pos], idx), dim=1)[:, -(kv_cache.max_len // 2):]
-            kv_cache.reset()
-        logits, _ = self(idx, kv_cache=kv_cache)
-        return logits[:, -1]
+            kv_cache.pos = 0
+        return self(idx, kv_cache=kv_cache)[0][:, -1]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, stop_tokens=(),
                  kv_cache=None, vocab_size=None):
-        """Yield one (B,) LongTensor per new token, as soon as it is sampled. The prompt `idx` (B, T) is
-        prefilled once, on top of `kv_cache` if one is given (continuing a conversation); once the
-        generator is exhausted the cache holds everything, the last token included, to continue again.
-        temperature 0 is greedy; top_k 0 and top_p 1.0 are off. Stops after max_new_tokens or once every
-        row has produced a stop token; a row that is done repeats its stop token. `vocab_size` (the
-        tokenizer's) keeps the padding rows of the embedding table from being sampled."""
+        """Yield one (B,) LongTensor per new token as soon as it is sampled; the prompt `idx` (B, T) is prefilled once, on
+        top of `kv_cache` if given (a conversation goes on), which in the end holds every token. temperature 0 is greedy;
+        top_k 0 and top_p 1.0 are off. Stops after max_new_tokens or once every row has produced a stop token (a row
+        that is done repeats it). `vocab_size` (the tokenizer's) keeps padding rows from being sampled."""
         kv_cache = kv_cache if kv_cache is not None else self.new_kv_cache(idx.size(0), device=idx.device)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)

@@ -111,13 +111,9 @@ def read_csv(path):
 
 
 def attention_flops(model_config):
-    """FLOPs per token beyond 6N (attention over the context), read off model.py's count so that its formula
-    keeps one home. torch is imported here only; a model on the meta device allocates nothing."""
-    import torch
-    from model import GPT
-    with torch.device("meta"):
-        model = GPT(model_config)
-    return model.flops_per_token() - 6 * model.param_counts()["active_non_embedding"]
+    """FLOPs per token beyond 6N (attention over the context): model.py's formula with no parameters."""
+    from model import flops_per_token
+    return flops_per_token(model_config, 0)
 
 
 def read_run(path):

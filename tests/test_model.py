@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, PRESETS, GPTConfig, MLP, MoE, sample_token
+from model import GPT, PRESETS, GPTConfig, MLP, MoE, flops_per_token, sample_token
 
 
 def tiny_config(preset="modern", **overrides):
@@ -35,6 +35,14 @@ def all_logits(model, idx):
     return model(idx, targets=torch.zeros_like(idx))[0]
 
 
+def expert_as_mlp(moe, config, e):
+    """Routed expert e as a dense MLP, its weights cut out of the stacked (experts, in, out) parameters by hand."""
+    mlp = MLP(config, config.expert_width)
+    mlp.load_state_dict({f"{name}.{kind}": p[e].T if kind == "weight" else p[e]
+                         for name, layer in moe.experts.items() for kind, p in layer.named_parameters()})  # strict
+    return mlp
+
+
 # ----------------------------------------------------------------------------- configuration
 
 def test_defaults_are_the_classic_preset_and_presets_hold_architecture_only():
@@ -55,6 +63,8 @@ def test_defaults_are_the_classic_preset_and_presets_hold_architecture_only():
     (dict(moe_experts=4, moe_expert_hidden=12), "multiples of 8"),
     (dict(dropout=1.0), "dropout"),
     (dict(moe_every=0), "moe_every must be at least 1"),
+    (dict(n_layer=0), "n_layer must be at least 1, got 0"),
+    (dict(moe_bias_rate=-1e-3), "moe_bias_rate must be at least 0, got -0.001"),
 ])
 def test_invalid_configs_are_rejected_with_one_clear_sentence(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -88,11 +98,13 @@ def test_classic_preset_has_gpt2_small_parameter_count_and_flops():
     assert counts["non_embedding"] == 124_439_808 - 1024 * 768  # the tied head counts, wpe does not
     assert counts["active"] == counts["total"] and counts["active_non_embedding"] == counts["non_embedding"]
     assert model.flops_per_token() == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024
+    assert flops_per_token(model.config, 123_653_376) == model.flops_per_token()  # from the config, no model needed
 
 
 def test_moe_counts_only_top_k_routed_experts_as_active():
     model = tiny_model("modern", n_layer=3, **MOE)  # layers 1 and 2 are MoE
-    expert = sum(p.numel() for p in model.transformer.h[1].mlp.experts[0].parameters())
+    expert = 2 * 32 * 16  # relu2, no biases: c_fc (n_embd x expert_hidden) and c_proj (expert_hidden x n_embd)
+    assert sum(p.numel() for p in model.transformer.h[1].mlp.experts.parameters()) == 8 * expert
     counts = model.param_counts()
     embedding = model.transformer.wte.weight.numel()  # untied: wte is embedding, lm_head is not
     assert counts["total"] == sum(p.numel() for p in model.parameters())
@@ -268,8 +280,8 @@ def test_generation_stops_once_every_row_has_produced_a_stop_token():
 def test_moe_with_one_expert_top1_and_no_shared_expert_equals_a_dense_mlp():
     torch.manual_seed(0)
     config = tiny_config("modern", moe_experts=1, moe_top_k=1, moe_shared_experts=0, moe_expert_hidden=128)
-    moe, dense = MoE(config), MLP(config, config.mlp_width)
-    dense.load_state_dict(moe.experts[0].state_dict())
+    moe = MoE(config)
+    dense = expert_as_mlp(moe, config, 0)
     x = torch.randn(2, 8, 32)
     torch.testing.assert_close(moe(x), dense(x))
 
@@ -301,10 +313,16 @@ def test_moe_model_compiles_and_matches_eager(dtype, fullgraph):
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_moe_output_is_the_gate_weighted_sum_of_the_chosen_experts():
+@pytest.mark.parametrize("preset, mlp", [("classic", "gelu"), ("modern", "swiglu")])
+def test_moe_output_is_the_gate_weighted_sum_of_the_chosen_experts(preset, mlp):
     torch.manual_seed(0)
-    moe = MoE(tiny_config("classic", moe_experts=8, moe_top_k=3, moe_shared_experts=2, moe_expert_hidden=16))
+    config = tiny_config(preset, mlp=mlp, moe_experts=8, moe_top_k=3, moe_shared_experts=2, moe_expert_hidden=16)
+    moe = MoE(config)
+    with torch.no_grad():  # biases too (classic has them), so that each expert's slice of every stack is checked
+        for p in moe.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     moe.expert_bias.copy_(torch.randn(8))  # the bias changes which experts are chosen, never the gates
+    experts = [expert_as_mlp(moe, config, e) for e in range(8)]
     x = torch.randn(2, 10, 32)
     y = moe(x)
     for b in range(2):
@@ -313,11 +331,36 @@ def test_moe_output_is_the_gate_weighted_sum_of_the_chosen_experts():
             affinity = torch.sigmoid(moe.router(token))
             chosen = (affinity + moe.expert_bias).topk(3).indices
             gates = affinity[chosen] / affinity[chosen].sum()
-            expected = sum(g * moe.experts[e](token) for g, e in zip(gates, chosen)) + moe.shared(token)
+            expected = sum(g * experts[e](token) for g, e in zip(gates, chosen)) + moe.shared(token)
             torch.testing.assert_close(y[b, t], expected, rtol=1e-5, atol=1e-6)
     load = torch.bincount((torch.sigmoid(moe.router(x.view(-1, 32))) + moe.expert_bias).topk(3).indices.view(-1),
                           minlength=8)
     assert torch.equal(moe.expert_load, load)
+
+
+def test_expert_weights_are_stacked_initialised_like_gpt2_and_old_checkpoints_still_load():
+    model = tiny_model("classic", n_layer=4, n_embd=64, **{**MOE, "mlp": "swiglu", "moe_expert_hidden": 64})
+    experts = model.transformer.h[1].mlp.experts
+    assert {name: tuple(p.shape) for name, p in experts.named_parameters()} == {
+        "c_fc.weight": (8, 64, 64), "c_fc.bias": (8, 64), "c_gate.weight": (8, 64, 64), "c_gate.bias": (8, 64),
+        "c_proj.weight": (8, 64, 64), "c_proj.bias": (8, 64)}
+    for name, std in (("c_fc", 0.02), ("c_gate", 0.02), ("c_proj", 0.02 / math.sqrt(2 * 4))):
+        assert abs(experts[name].weight.std().item() / std - 1) < 0.05, name
+        assert abs(experts[name].weight.mean().item()) < 0.05 * std and not experts[name].bias.any()
+    # a state dict of the layout before the stacking: one Linear per expert, weight (out, in)
+    old = {}
+    for key, value in model.state_dict().items():
+        if ".experts." not in key:
+            old[key] = value
+            continue
+        head, tail = key.split(".experts.")
+        for e in range(8):
+            old[f"{head}.experts.{e}.{tail}"] = value[e].T.clone() if tail.endswith("weight") else value[e].clone()
+    assert old["transformer.h.1.mlp.experts.7.c_gate.weight"].shape == (64, 64)
+    fresh = tiny_model("classic", seed=1, n_layer=4, n_embd=64, **{**MOE, "mlp": "swiglu", "moe_expert_hidden": 64})
+    fresh.load_state_dict(old)  # strict
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_balancing_bias_moves_load_toward_idle_experts():
