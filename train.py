@@ -388,15 +388,18 @@ def make_optimizers(model, cfg, device):
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if cfg.optimizer == "muon":
         # the MoE router is a classifier over experts, not a hidden layer: AdamW, as the embeddings
-        hidden = {n: p for n, p in params.items() if p.ndim == 2 and n.startswith("transformer.h.") and ".router." not in n}
+        hidden = {n: p for n, p in params.items()
+                  if p.ndim == 2 and n.startswith("transformer.h.") and ".router." not in n and not n.endswith(".bias")}
     elif cfg.optimizer == "adamw":
         hidden = {}
     else:
         raise UserError(f"optimizer must be adamw or muon, got {cfg.optimizer!r}")
     rest = [(n, p) for n, p in params.items() if n not in hidden]
-    # weight decay on matrices only, never on norms and biases (GPT-2, nanoGPT)
-    groups = [{"params": [p for n, p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in rest if p.ndim < 2], "weight_decay": 0.0}]
+    # weight decay on matrices only, never on norms and biases (GPT-2, nanoGPT); the MoE's stacked expert
+    # biases are 2-D, and the stacked expert weights 3-D, which torch's Muon does not take: AdamW
+    matrix = {n for n, p in rest if p.ndim >= 2 and not n.endswith(".bias")}
+    groups = [{"params": [p for n, p in rest if n in matrix], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in rest if n not in matrix], "weight_decay": 0.0}]
     optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                     fused=device.type == "cuda")]
     if hidden:

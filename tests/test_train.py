@@ -376,3 +376,18 @@ def test_float32_newton_schulz_is_torch_muons_orthogonalisation_without_bf16(sha
     torch.testing.assert_close(ours, torch_bf16(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float(), atol=0.05, rtol=0)
     singular_values = torch.linalg.svdvals(ours)
     assert singular_values.min() > 0.5 and singular_values.max() < 1.5  # near-orthogonal, as Muon wants
+
+
+def test_muon_takes_the_hidden_matrices_only_and_no_bias_is_decayed():
+    config = model_module.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True,
+                                    moe_experts=4, moe_top_k=2, moe_expert_hidden=16, moe_first_dense=1)
+    gpt = model_module.GPT(config)
+    adamw, muon = train.make_optimizers(gpt, train.TrainConfig(optimizer="muon"), torch.device("cpu"))
+    name = {id(p): n for n, p in gpt.named_parameters()}
+    in_muon = {name[id(p)] for group in muon.param_groups for p in group["params"]}
+    decayed = {name[id(p)] for p in adamw.param_groups[0]["params"]}
+    assert in_muon and all(n.startswith("transformer.h.") and n.endswith(".weight") and ".router." not in n
+                           and ".experts." not in n for n in in_muon)
+    assert "transformer.h.1.mlp.experts.c_fc.bias" in name.values()  # a 2-D stack of the experts' biases
+    assert not any(n.endswith(".bias") for n in decayed)
+    assert "transformer.h.1.mlp.experts.c_fc.weight" in decayed  # the 3-D stack: AdamW, with decay
