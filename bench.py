@@ -69,7 +69,7 @@ from model import GPT, GPTConfig, PRESETS, sample_token
 from sample import SampleConfig
 from tokenizer import CharTokenizer, load_tokenizer
 from runtime import CHECKPOINT_VERSION, compile_wanted, mfu, peak_flops, pick_device, precision
-from train import MODEL_KEYS, TrainConfig, build_model_config, make_optimizers
+from train import MODEL_KEYS, TrainConfig, build_model_config, make_optimizers, precision_probe
 
 
 @dataclass
@@ -108,7 +108,7 @@ def bench_training(cfg, tcfg, scfg, overrides, device):
     torch.manual_seed(tcfg.seed)
     model = GPT(model_cfg).to(device)
     optimizers = make_optimizers(model, tcfg, device)
-    dtype, autocast, scaler = precision(tcfg.dtype, device)
+    dtype, autocast, scaler = precision(tcfg.dtype, device, *precision_probe(model, tcfg.batch_size, device))
     compile_on = compile_wanted(tcfg.compile, device)
     forward = torch.compile(model) if compile_on else model
     B, T = tcfg.batch_size, model_cfg.block_size

@@ -65,28 +65,28 @@ def pick_device(name):
     return torch.device("cpu")
 
 
-def pick_dtype(name, device, use="train"):
+def pick_dtype(name, device, use="train", step=None, shape=""):
     """The dtype for --dtype=name. "auto": bfloat16 on GPUs that have it, float16 on older GPUs, and on a CPU
-    whichever of float32 and bfloat16 the probe below measured faster for this use ("train" or "decode")."""
+    whichever of float32 and bfloat16 the probe below measured faster for this use (cpu_dtype)."""
     if name == "auto":
         if device.type == "cuda":
             name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         else:
-            name = cpu_dtype(use) if device.type == "cpu" else "float32"
+            name = cpu_dtype(use, step, shape) if device.type == "cpu" else "float32"
     if name not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
     return getattr(torch, name)
 
 
-def precision(name, device):
+def precision(name, device, step=None, shape=""):
     """The dtype, the autocast context the forward pass runs under, and the gradient scaler: bf16 autocast
     and TF32 on GPUs that have them, fp16 with loss scaling on older GPUs, and on a CPU the faster of fp32
-    and bf16 autocast as measured (pick_dtype)."""
-    dtype = pick_dtype(name, device)
+    and bf16 autocast as measured on step(dtype), a training step (pick_dtype)."""
+    dtype = pick_dtype(name, device, "train", step, shape)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    autocast = autocast_to(dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling, bf16 does not
     return dtype, autocast, scaler
 
@@ -100,17 +100,22 @@ def compile_wanted(setting, device):
     return setting in ("true", "on", "1") or (setting == "auto" and device.type == "cuda")
 
 
-# ----------------------------------------------------------------------------- the CPU probe
-# Whether bf16 pays on a CPU cannot be read from its flags: with AVX512-BF16, one 2-core EPYC ran bf16 matrix
-# products 2.5x faster than fp32 and a Xeon 0.55x as fast; without native bf16 they are emulated, hundreds of
-# times slower. So "auto" times both here, once per machine, torch version and thread count (RESULTS.md).
+def autocast_to(dtype, device):
+    """The context that runs a forward pass in dtype: autocast, or nothing for float32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
-# the share of float32's time bf16 must beat: training casts every weight to bf16 at each forward (autocast),
-# so it needs a clear win; decoding stores the weights in bf16 once and only reads them
-BF16_MARGIN = dict(train=0.8, decode=0.9)
-# (rows, inner, columns, threads) of the timed products: a micro-batch through a hidden layer on every core,
-# and one token through a wide layer on one thread, as sample.py decodes
-PROBE_SHAPES = dict(train=(128, 512, 512, 0), decode=(1, 1024, 2048, 1))
+
+# ----------------------------------------------------------------------------- the CPU probe
+# Whether bf16 pays on a CPU cannot be read from its flags: with AVX512-BF16 one 2-core EPYC trained 2.5x faster in
+# bf16, while a Xeon with AMX ran bf16 products 4x faster than fp32 yet trained a small model slower (the casts
+# cost more than the products save); without native bf16 it is emulated, hundreds of times slower. So "auto" times
+# the work itself, once per machine, torch version, thread count and shape (RESULTS.md).
+
+# the share of float32's time bf16 must beat to be chosen: a clear win, not noise
+BF16_MARGIN = 0.9
+# (rows, inner, columns, threads) of the timed products when no training step is given: one token through a wide
+# layer on one thread, as sample.py decodes; a hidden layer's worth on every core, as Muon orthogonalises
+PROBE_SHAPES = dict(decode=(1, 1024, 2048, 1), product=(512, 128, 512, 0))
 _reported = set()
 
 
@@ -126,56 +131,65 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def fastest_time(a, b, repeats, give_up_after):
-    """The best of `repeats` timed products; stops early once even the best is slower than give_up_after."""
-    best = math.inf
+def time_both(work, repeats, warmups=2):
+    """The best seconds of work(dtype) in float32 and in bfloat16, alternated, so that other work on the machine
+    slows both alike. Each first runs `warmups` times untimed: oneDNN builds its kernels for a shape over the first
+    calls (20 ms, then 1 ms, on the Xeon, for a product that then takes 0.06 ms). bf16 is given up on after one
+    timed call when it is over 3x slower (emulated)."""
+    best = {"float32": math.inf, "bfloat16": math.inf}
+    for name in best:
+        for _ in range(warmups):
+            work(getattr(torch, name))
     for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-        if best > give_up_after:
-            break
+        for name in best:
+            if name == "bfloat16" and 3 * best["float32"] < best[name] < math.inf:
+                continue
+            start = time.perf_counter()
+            work(getattr(torch, name))
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
-def measure_cpu():
-    """Seconds per product in float32 and bfloat16 for each PROBE_SHAPES use: well under a second, since
-    an emulated bf16 is timed once and given up on."""
-    saved, times = torch.get_num_threads(), {}
+def measure_product(use):
+    """time_both of one PROBE_SHAPES product: well under a second, even where bf16 is emulated."""
+    m, k, n, threads = PROBE_SHAPES[use]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads or saved)
     try:
-        for use, (m, k, n, threads) in PROBE_SHAPES.items():
-            torch.set_num_threads(threads or saved)
-            a, b = torch.randn(m, k), torch.randn(k, n)
-            fp32 = fastest_time(a, b, repeats=10, give_up_after=math.inf)
-            bf16 = fastest_time(a.bfloat16(), b.bfloat16(), repeats=10, give_up_after=3 * fp32)
-            times[use] = dict(float32=fp32, bfloat16=bf16)
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        return time_both(lambda dtype: torch.matmul(a.to(dtype), b.to(dtype)), repeats=20)
     finally:
         torch.set_num_threads(saved)
-    return times
 
 
-def cpu_dtype(use):
-    """"float32" or "bfloat16", whichever this CPU runs faster for `use`, from the cached probe (measured on
-    first use); the choice and its figures are printed once per process."""
+def cpu_dtype(use, step=None, shape=""):
+    """"float32" or "bfloat16", whichever this CPU runs faster, from the cache (measured on first use), printed once
+    per process. use "train" times step(dtype), one forward and backward of the model to train at its micro-batch
+    (`shape` names it), unless bf16 products are not even faster alone; "decode" and "product" time PROBE_SHAPES."""
     key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    entry = f"{use} {shape}".strip()
     path = probe_cache_path()
     try:
         with open(path) as f:
             cache = json.load(f)
     except (OSError, ValueError):
         cache = {}
-    if key not in cache:
-        cache[key] = measure_cpu()
+    times = cache.get(key, {}).get(entry)
+    if times is None:
+        with torch.random.fork_rng(devices=[]):  # a probed run and a cached one draw the same random numbers
+            times = measure_product("product" if use == "train" else use)
+            if use == "train" and times["bfloat16"] < times["float32"]:
+                times = time_both(step, repeats=2, warmups=1)
+        cache.setdefault(key, {})[entry] = times
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_atomically(path, json.dumps(cache, indent=1))
         except OSError:  # a read-only home: measure again next time
             pass
-    times = cache[key][use]
-    choice = "bfloat16" if times["bfloat16"] < BF16_MARGIN[use] * times["float32"] else "float32"
-    if use not in _reported:
-        _reported.add(use)
-        print(f"cpu probe ({key}): {use} product {1e3 * times['float32']:.2f} ms in float32, "
+    choice = "bfloat16" if times["bfloat16"] < BF16_MARGIN * times["float32"] else "float32"
+    if entry not in _reported:
+        _reported.add(entry)
+        print(f"cpu probe ({key}): {entry}: {1e3 * times['float32']:.2f} ms in float32, "
               f"{1e3 * times['bfloat16']:.2f} ms in bfloat16 -> {choice} (cached in {path})", file=sys.stderr)
     return choice
 

@@ -14,6 +14,7 @@ resolves every setting before anything is written; the plumbing the loop calls b
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -29,8 +30,9 @@ import torch.distributed as dist
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS
 from prepare import load_meta
-from runtime import (StopSignals, compile_wanted, cpu_dtype, end_process, load_checkpoint, load_init, mfu, peak_flops,
-                     precision, restore_training, save_checkpoint, start_process, training_snapshot, write_atomically)
+from runtime import (StopSignals, autocast_to, compile_wanted, cpu_dtype, end_process, load_checkpoint, load_init, mfu,
+                     peak_flops, precision, restore_training, save_checkpoint, start_process, training_snapshot,
+                     write_atomically)
 from tokenizer import load_tokenizer
 
 @dataclass
@@ -236,7 +238,6 @@ def setup(cfg, overrides, device, rank, world, data, init):
     T = model_cfg.block_size
     train_positions, val_positions = data.positions("train", T), data.positions("val", T)
     accum_steps, batch_tokens = batch_plan(cfg, T, world)
-    dtype, autocast, scaler = precision(cfg.dtype, device)
     compile_on = compile_wanted(cfg.compile, device)
     if world > 1 and cfg.fsdp and cfg.optimizer == "muon":
         raise UserError("Muon needs whole matrices; with fsdp=True use optimizer=adamw")
@@ -246,6 +247,7 @@ def setup(cfg, overrides, device, rank, world, data, init):
     if init:
         raw_model.load_state_dict(init["model"])
     raw_model = raw_model.to(device)
+    dtype, autocast, scaler = precision(cfg.dtype, device, *precision_probe(raw_model, cfg.batch_size, device))
     flops_per_token = raw_model.flops_per_token()
     total_steps = budget_steps(cfg, batch_tokens, flops_per_token * batch_tokens)
     model, optimizers = wrap_for_training(raw_model, cfg, device, world, dtype, compile_on)
@@ -382,6 +384,21 @@ def wrap_for_training(model, cfg, device, world, dtype, compile_on):
     return model, optimizers
 
 
+def precision_probe(model, batch_size, device):
+    """What dtype=auto times on a CPU, and the name it is cached under: one forward and backward of this model on
+    a micro-batch of random tokens, in the dtype given. bf16 pays or not by the model's shape, not just the CPU's."""
+    shape = (batch_size, model.config.block_size + 1)
+    tokens = torch.randint(model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step(dtype):
+        with autocast_to(dtype, device):
+            _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    shape = json.dumps(dataclasses.asdict(model.config), sort_keys=True)
+    return step, f"{batch_size} x {model.config.block_size} {hashlib.sha1(shape.encode()).hexdigest()[:10]}"
+
+
 def make_optimizers(model, cfg, device):
     """AdamW for everything, or Muon for the 2D weight matrices inside the blocks and AdamW for the
     embeddings, the output head, norms, biases and routers (Muon is defined for hidden matrices only)."""
@@ -403,7 +420,7 @@ def make_optimizers(model, cfg, device):
     optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                     fused=device.type == "cuda")]
     if hidden:
-        if device.type == "cpu" and cpu_dtype("train") == "float32":
+        if device.type == "cpu" and cpu_dtype("product") == "float32":
             torch.optim._muon._zeropower_via_newtonschulz = float32_newton_schulz
         optimizers.append(torch.optim.Muon(list(hidden.values()), lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
     for opt in optimizers:

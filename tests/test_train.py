@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import model as model_module
 import prepare
 import runtime
 import train
+from model import GPT, GPTConfig
 from configurator import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,10 +75,10 @@ def test_resume_reproduces_the_uninterrupted_losses_bitwise(tiny_data, monkeypat
                    f"--dtype={dtype}"]
     real_precision = train.precision
 
-    def restless_scaler(name, device):
+    def restless_scaler(name, device, *probe):
         """fp16's loss scale, made to move all the time: it starts high enough that the first steps overflow
         and are skipped, and it doubles after every 2 good steps, so steps keep overflowing now and then."""
-        dtype, autocast, scaler = real_precision(name, device)
+        dtype, autocast, scaler = real_precision(name, device, *probe)
         return dtype, autocast, torch.amp.GradScaler(device.type, init_scale=2.0 ** 20, growth_interval=2,
                                                      enabled=scaler.is_enabled())
 
@@ -334,33 +336,54 @@ def test_resume_on_other_data_is_refused_and_a_half_written_log_line_is_dropped(
 def test_auto_dtype_on_a_cpu_is_the_one_measured_faster_and_the_measurement_is_cached(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(runtime, "_reported", set())
-    measured = []
+    products, steps = [], []
 
-    def probe_that_finds(train_bf16, decode_bf16):
-        def measure():
-            measured.append(1)
-            return dict(train=dict(float32=1.0, bfloat16=train_bf16), decode=dict(float32=1.0, bfloat16=decode_bf16))
+    def products_where_bf16_takes(share):
+        def measure(use):
+            products.append(use)
+            return dict(float32=1.0, bfloat16=share)
         return measure
 
+    def step(dtype):  # a training step whose bf16 version is 10x slower, as a small model's casts can make it
+        steps.append(dtype)
+        torch.rand(1)  # draws, as dropout would
+        time.sleep(0.02 if dtype == torch.bfloat16 else 0.002)
+
     cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "measure_cpu", probe_that_finds(train_bf16=0.5, decode_bf16=2.0))
-    assert runtime.pick_dtype("auto", cpu) == torch.bfloat16
-    assert runtime.pick_dtype("auto", cpu, use="decode") == torch.float32
-    assert "train product 1000.00 ms in float32, 500.00 ms in bfloat16 -> bfloat16" in capsys.readouterr().err
-    monkeypatch.setattr(runtime, "measure_cpu", probe_that_finds(train_bf16=3.0, decode_bf16=3.0))
-    assert runtime.pick_dtype("auto", cpu) == torch.bfloat16 and measured == [1]  # read from the cache
+    monkeypatch.setattr(runtime, "measure_product", products_where_bf16_takes(0.5))
+    assert runtime.pick_dtype("auto", cpu, use="decode") == torch.bfloat16
+    rng = torch.get_rng_state()
+    assert runtime.pick_dtype("auto", cpu, "train", step, "tiny") == torch.float32  # faster products, slower step
+    assert torch.equal(torch.get_rng_state(), rng)  # a probed run draws what a cached one draws
+    assert "train tiny: " in capsys.readouterr().err and torch.bfloat16 in steps
+    steps.clear()
+    assert runtime.pick_dtype("auto", cpu, "train", step, "tiny") == torch.float32 and not steps  # from the cache
     assert runtime.pick_dtype("float32", cpu) == torch.float32 and runtime.pick_dtype("bfloat16", cpu) == torch.bfloat16
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))  # a new machine, as the cache sees it
-    monkeypatch.setattr(runtime, "measure_cpu", probe_that_finds(train_bf16=0.85, decode_bf16=0.85))
-    assert runtime.pick_dtype("auto", cpu) == torch.float32  # a win too small to pay for autocast's casts
-    assert runtime.pick_dtype("auto", cpu, use="decode") == torch.bfloat16  # stored in bf16, no casts
+    monkeypatch.setattr(runtime, "measure_product", products_where_bf16_takes(3.0))
+    assert runtime.pick_dtype("auto", cpu, "train", step, "tiny") == torch.float32 and not steps  # emulated: no step
+    monkeypatch.setattr(runtime, "measure_product", products_where_bf16_takes(0.95))
+    assert runtime.pick_dtype("auto", cpu, use="decode") == torch.float32  # a win within noise is no win
 
 
-def test_the_real_probe_times_both_dtypes_for_both_uses():
-    times = runtime.measure_cpu()
-    assert set(times) == {"train", "decode"}
-    assert all(0 < t < math.inf for use in times.values() for t in (use["float32"], use["bfloat16"]))
+def test_the_probe_does_not_time_the_first_call_which_builds_the_kernels():
+    calls = []
+
+    def work(dtype):  # 50 ms and 20 ms on each dtype's first two calls, as oneDNN builds its kernels, then 1 ms
+        time.sleep([0.05, 0.02, 0.001][min(calls.count(dtype), 2)])
+        calls.append(dtype)
+    times = runtime.time_both(work, repeats=3)
+    assert times["float32"] < 0.015 and times["bfloat16"] < 0.015 and calls.count(torch.bfloat16) == 5
+
+
+def test_the_real_probe_times_a_real_training_step_and_leaves_no_trace():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+    step, shape = train.precision_probe(model, 4, torch.device("cpu"))
+    times = runtime.time_both(step, repeats=1)
+    assert all(0 < t < math.inf for t in times.values()) and shape.startswith("4 x 8 ")
+    assert all(p.grad is None for p in model.parameters())
+    assert 0 < runtime.measure_product("decode")["float32"] < math.inf
 
 
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64)])
