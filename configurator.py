@@ -7,14 +7,25 @@ plain Python that assigns module-level constants; `--key=value` is read with `as
 (falling back to a string); a bare `--flag` means True. Later sources win. One config file can
 drive every stage of a recipe, so a key owned by another stage is accepted and left to it; a key
 that no stage owns is an error naming the closest valid keys. Values must match the declared type.
+
+Below the convention, what every script's run shares: one line and exit 130 for Ctrl-C, even during the
+imports; one process at a time per output folder (locked_folder); temporary files that are this process's own.
 """
 
 import ast
+import contextlib
 import dataclasses
 import difflib
+import math
 import os
+import re
 import sys
 import types
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,6 +34,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # 8% faster (RESULTS.md). A shared CPU must not collapse a run, so passive it is, unless the environment says
 # otherwise. OpenMP reads it once, when torch loads, so the scripts import this module before torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def quiet_interrupt(kind, value, traceback):
+    """Ctrl-C before run_script's handler is in place (torch takes seconds to import): one line and exit 130,
+    as run_script does, not a traceback of the import in flight. The scripts import this module first."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
+    sys.__excepthook__(kind, value, traceback)
+
+
+sys.excepthook = quiet_interrupt
 
 
 class UserError(Exception):
@@ -77,7 +101,11 @@ def coerce(key, value, field_type):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif field_type is float:
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            value = float(value)  # what a config file's float("nan") gives: said to be not finite, not a type error
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"{key} must be a finite number, got {value}")
             return float(value)
     elif field_type is str:
         return value if isinstance(value, str) else str(value)
@@ -117,7 +145,7 @@ def build(config_class, overrides, **base):
 def check_at_least(cfg, **lowest):
     """Refuse, before any work, a setting below the lowest value that makes sense for it."""
     for key, low in lowest.items():
-        if getattr(cfg, key) < low:
+        if not getattr(cfg, key) >= low:  # NaN too
             raise UserError(f"--{key} must be at least {low}, got {getattr(cfg, key)}")
 
 
@@ -127,6 +155,85 @@ def check_writable(path, key):
         raise UserError(f"--{key}={path} is a folder; give a file name")
     if not os.path.isdir(os.path.dirname(path) or "."):
         raise UserError(f"--{key}={path}: folder {os.path.dirname(path)} does not exist; create it or pick another path")
+
+
+# ----------------------------------------------------------------------------- one process per folder
+
+def temp_path(path):
+    """A temporary name beside `path` that is this process's own: two processes never write the same one."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
+@contextlib.contextmanager
+def made_dir(path):
+    """Make `path` and its missing parents; on the way out (after a failure, say) remove those left empty."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: create its target "
+                        "or remove the link")
+    created, parent = [], os.path.normpath(path)
+    while parent and not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path}: {e.strerror}") from None
+    try:
+        yield
+    finally:
+        for made in created:  # the deepest first
+            if not os.listdir(made):
+                os.rmdir(made)
+
+
+@contextlib.contextmanager
+def locked_folder(path, script):
+    """Hold `path` (made if missing) for one process: a second one fails at once, in one line naming this one.
+    The lock is the operating system's (flock on path/.lock), released when the process dies, so even a kill -9
+    leaves no stale lock. The temporary files a dead holder left are removed once the lock is taken."""
+    with made_dir(path):
+        if fcntl is None:  # Windows has no flock: there a folder is not locked
+            yield
+            return
+        lock_path = os.path.join(path, ".lock")
+        fd = take_lock(lock_path, path, script)
+        try:
+            for name in os.listdir(path):
+                if re.fullmatch(r".+\.\d+\.tmp", name) and os.path.isfile(os.path.join(path, name)):
+                    os.remove(os.path.join(path, name))
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):  # removed while still locked: a process that opened it
+                os.remove(lock_path)                      # in the meantime sees that and retries on a new file
+            os.close(fd)
+
+
+def take_lock(lock_path, folder, script):
+    """The open, locked lock file, with this process named in it; a UserError naming the holder if it is taken."""
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write in {folder}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{folder} is in use by {holder}: one process at a time per folder; wait for it to "
+                            "end, or stop it") from None
+        except OSError as e:  # a file system without locks
+            os.close(fd)
+            raise UserError(f"cannot lock {folder}: {e.strerror}; put it on a local disk") from None
+        try:  # the holder may have removed the file between our open and our lock: then lock the new one
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{script} (pid {os.getpid()})".encode())
+    return fd
 
 
 def run_script(main):

@@ -18,6 +18,7 @@ tokenizer, tiktoken -> the GPT-2 byte-level BPE; an SFT chat template -> the tok
 """
 
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import configurator  # before torch: it sets OpenMP's wait policy
 import torch
 
-from configurator import UserError
+from configurator import UserError, temp_path
 from model import GPT, GPTConfig
 from tokenizer import EOT_TEXT, chat_template_jinja, load_tokenizer
 from runtime import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
@@ -167,7 +168,6 @@ def hf_tokenizer(tok):
 
 
 def export(cfg):
-    from transformers import GenerationConfig
     run, to = os.path.realpath(cfg.out_dir), os.path.realpath(cfg.to)
     if os.path.commonpath([run, to]) in (run, to):  # --overwrite would delete the run's checkpoints and log
         raise UserError(f"--to={cfg.to} overlaps the run {cfg.out_dir} (is it, inside it or holds it); "
@@ -180,6 +180,34 @@ def export(cfg):
         if not {"config.json", "model.safetensors"} <= set(os.listdir(cfg.to)):  # --overwrite deletes the folder
             raise UserError(f"{cfg.to} is not an earlier export (no config.json and model.safetensors); "
                             "--overwrite replaces only an export: pick another --to")
+    with staged_folder(cfg.to) as folder:
+        hf, hf_tok, arch = write_export(cfg, folder)
+    print(f"wrote {cfg.to} ({arch}, {sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M parameters); "
+          f"publish it with: hf upload <user>/<repo> {cfg.to}")
+    return hf, hf_tok
+
+
+@contextlib.contextmanager
+def staged_folder(path):
+    """A folder written beside `path` and renamed onto it whole at the end: a failure (a read-only or full disk)
+    leaves no half-written export, and an earlier one as it was until the new one is complete."""
+    staging, old = temp_path(os.path.normpath(path)), temp_path(os.path.normpath(path) + ".old")
+    try:
+        os.makedirs(staging)
+        yield staging
+        if os.path.isdir(path):
+            os.rename(path, old)
+        os.rename(staging, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_export(cfg, folder):
+    """out_dir's checkpoint as a Hugging Face model and tokenizer in `folder`; returns them and the architecture."""
+    from transformers import GenerationConfig
     checkpoint = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
     c = GPTConfig(**checkpoint["model_config"])
     arch = architecture(c)
@@ -198,9 +226,7 @@ def export(cfg):
     # padding rows were never a token: keep generate() off them, as sample.py's vocab_size does
     hf.generation_config = GenerationConfig(bos_token_id=tok.eot_id, eos_token_id=stop if len(stop) > 1 else stop[0],
                                             suppress_tokens=[i for i in range(tok.vocab_size, c.vocab_size) if i not in specials] or None)
-    if cfg.overwrite and os.path.isdir(cfg.to):
-        shutil.rmtree(cfg.to)
-    hf.save_pretrained(cfg.to)  # config.json, generation_config.json, model.safetensors
+    hf.save_pretrained(folder)  # config.json, generation_config.json, model.safetensors
     hf_tok, notes = hf_tokenizer(tok), []
     if tok.spec.get("pretokenize"):
         notes.append(f"the pretokenize hook {tok.spec['pretokenize']} is not part of the exported tokenizer")
@@ -222,15 +248,13 @@ def export(cfg):
             elif any(isinstance(m, str) for m in template.values()) and tok.spec["kind"] != "char":
                 notes.append("text chat markers are tokenized with their neighbours by transformers, apart by "
                              "sample.py: BPE may merge across the boundary")
-        hf_tok.save_pretrained(cfg.to)
+        hf_tok.save_pretrained(folder)
     if tok.spec["kind"] == "sp":  # the original model too, as Llama repositories ship it; import reads it back
-        with open(os.path.join(cfg.to, "tokenizer.model"), "wb") as f:
+        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
             f.write(base64.b64decode(tok.spec["model"]))
     for note in notes:
         print(f"note: {note}")
-    print(f"wrote {cfg.to} ({arch}, {sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M parameters); "
-          f"publish it with: hf upload <user>/<repo> {cfg.to}")
-    return hf, hf_tok
+    return hf, hf_tok, arch
 
 
 # ----------------------------------------------------------------------------- import
@@ -335,7 +359,10 @@ def import_hf(cfg):
     model, info = load_hf(cfg.from_hf)
     if info["tokenizer"] is None:
         print(f"note: no tokenizer spec: {info['note']}; train.py and sft.py use the dataset's, sample.py needs one")
-    os.makedirs(cfg.to_run, exist_ok=True)
+    try:
+        os.makedirs(cfg.to_run, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --to_run={cfg.to_run}: {e.strerror}") from None
     # train.run's checkpoint layout, without optimizer state: a starting point, not a run to resume
     save_checkpoint(path, dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
                                model_config=dataclasses.asdict(model.config), config=dataclasses.asdict(cfg),

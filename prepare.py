@@ -7,18 +7,20 @@
 Documents stream through the tokenizer in parallel and tokens go to disk in chunks, so memory stays bounded
 whatever the corpus size. Every document is preceded by one EOT token (like nanochat's BOS), so a training
 window that starts at a document boundary sees the same context as generation started from EOT.
-Everything is written to temporary files and moved into place at the end, meta.json last.
+Everything is written to temporary files and moved into place at the end, meta.json last, and one prepare.py
+at a time holds data/<dataset>/ (a second one stops at once, naming the first).
 """
 
 import base64
 import codecs
 import collections
-import contextlib
 import dataclasses
 import glob
 import hashlib
 import io
+import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -27,10 +29,10 @@ import sys
 import time
 from dataclasses import dataclass
 
+import configurator  # first: Ctrl-C during the imports is one line
 import numpy as np
 
-import configurator
-from configurator import UserError
+from configurator import UserError, locked_folder, temp_path
 from tokenizer import load_hook, load_tokenizer
 
 PIECE_BYTES = 1 << 20   # text files are read and encoded in pieces of about this size
@@ -158,6 +160,8 @@ def load_rows(cfg, data_format=None, files=None):
     if not files:
         offline_unless_hub_reachable(name)
     import datasets
+    # the loaders log the error they raise, which is then said again in our one line
+    logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
     try:
         if files:
             table = datasets.load_dataset(data_format, data_files=files, split="train", streaming=True)
@@ -177,22 +181,6 @@ def load_rows(cfg, data_format=None, files=None):
     return table
 
 
-@contextlib.contextmanager
-def made_dir(path):
-    """Make `path` and its missing parents; on the way out (after a failure, say) remove those left empty."""
-    created, parent = [], os.path.normpath(path)
-    while parent and not os.path.isdir(parent):
-        created.append(parent)
-        parent = os.path.dirname(parent)
-    os.makedirs(path, exist_ok=True)
-    try:
-        yield
-    finally:
-        for made in created:  # the deepest first
-            if not os.listdir(made):
-                os.rmdir(made)
-
-
 def download(url, data_dir):
     """A URL source is fetched once into data/<dataset>/, as nanoGPT's shakespeare_char/prepare.py does,
     and read from there like a local file; written atomically, so a broken download is never taken whole."""
@@ -202,16 +190,15 @@ def download(url, data_dir):
     path = os.path.join(data_dir, os.path.basename(urllib.parse.urlparse(url).path) or "download.txt")
     if os.path.isfile(path):
         return path
-    with made_dir(data_dir):
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(path + ".tmp", "wb") as f:
-                shutil.copyfileobj(response, f)
-            os.replace(path + ".tmp", path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not download {url} ({e}); download it yourself and give --source=<the file>") from e
-        finally:
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(temp_path(path), "wb") as f:
+            shutil.copyfileobj(response, f)
+        os.replace(temp_path(path), path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not download {url} ({e}); download it yourself and give --source=<the file>") from e
+    finally:
+        if os.path.exists(temp_path(path)):
+            os.remove(temp_path(path))
     print(f"downloaded {url} to {path} ({os.path.getsize(path):,} bytes)")
     return path
 
@@ -260,8 +247,19 @@ def open_source(cfg, replaced):
 
 def rows_documents(table, cfg):
     def documents():
-        for i, row in enumerate(table):
-            yield ("val" if is_val(i, cfg.val_fraction) else "train"), iter([row[cfg.text_column] or ""])
+        rows = iter(table)
+        for i in itertools.count():
+            try:  # streamed: a broken line deep in a file is met here, not when the table is opened
+                row = next(rows)
+            except StopIteration:
+                return
+            except ValueError as e:  # pyarrow's ArrowInvalid among them
+                raise UserError(f"{cfg.source}: row {i + 1} cannot be read ({type(e).__name__}: {e})") from None
+            text = row[cfg.text_column]
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{cfg.source}: row {i + 1}'s {cfg.text_column!r} is {type(text).__name__} "
+                                f"{str(text)[:40]}, not text; pass the --text_column that holds the text")
+            yield ("val" if is_val(i, cfg.val_fraction) else "train"), iter([text or ""])
     return documents
 
 
@@ -295,7 +293,7 @@ def build_tokenizer_spec(cfg, documents, data_dir, temp_files):
 def train_sentencepiece(cfg, documents, pretokenize, data_dir, temp_files):
     """Train on up to sp_sample_bytes from the start of the train split; return the model as base64."""
     import sentencepiece as spm
-    sample = os.path.join(data_dir, "sp_sample.txt.tmp")
+    sample = temp_path(os.path.join(data_dir, "sp_sample.txt"))
     temp_files.append(sample)
     written = 0
     with open(sample, "w", encoding="utf-8") as f:
@@ -435,12 +433,15 @@ def fingerprint(cfg, identity):
 
 
 def load_meta(data_dir):
-    """meta.json of a prepared dataset, after checking that its .bin files are whole."""
+    """meta.json of a prepared dataset, after checking its fields and that its .bin files are whole."""
     redo = f"rerun `python prepare.py --dataset={os.path.basename(os.path.normpath(data_dir))} ... --force`"
     path = os.path.join(data_dir, "meta.json")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
+        problem = meta_problem(meta)
+        if problem:
+            raise UserError(f"{path}: {problem}; {redo}")
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split in SPLITS:
             bin_path, expected = os.path.join(data_dir, f"{split}.bin"), meta[f"{split}_tokens"] * itemsize
@@ -453,9 +454,24 @@ def load_meta(data_dir):
         name = os.path.basename(os.path.normpath(data_dir))
         raise UserError(f"{path} not found: the dataset is not prepared; run `python prepare.py` with the same "
                         f"config file or --dataset={name} first") from e
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}); {redo}") from e
     return meta
+
+
+def meta_problem(meta):
+    """What makes meta.json unusable, or None: its readers take these fields as they are."""
+    for key in ("vocab_size", "eot_id", *(f"{split}_{count}" for split in SPLITS for count in ("tokens", "bytes"))):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "eot_id" else 1):
+            return f"{key} is {value!r}, not a {'whole number' if key == 'eot_id' else 'positive whole number'}"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype is {meta.get('dtype')!r}; token ids are stored as uint16 or uint32"
+    if meta["vocab_size"] > np.iinfo(meta["dtype"]).max + 1 or meta["eot_id"] >= meta["vocab_size"]:
+        return f"vocab_size {meta['vocab_size']} and eot_id {meta['eot_id']} do not fit dtype {meta['dtype']}"
+    if not isinstance(meta.get("tokenizer"), dict):
+        return "it has no tokenizer spec"
+    return None
 
 
 GPT2_VOCAB_SIZE = 50257  # tiktoken's gpt2 encoding, the most common choice
@@ -479,7 +495,7 @@ def write_dataset(cfg, documents, total_bytes, data_dir, temp_files, replaced):
     tokenizer = load_tokenizer(spec)
     dtype = token_dtype(tokenizer.vocab_size)
     counts = {split: {"tokens": 0, "bytes": 0, "documents": 0} for split in SPLITS}
-    files = {os.path.join(data_dir, f"{split}.bin.tmp"): os.path.join(data_dir, f"{split}.bin") for split in SPLITS}
+    files = {temp_path(os.path.join(data_dir, f"{split}.bin")): os.path.join(data_dir, f"{split}.bin") for split in SPLITS}
     temp_files += list(files)
     outputs = dict(zip(SPLITS, (open(path, "wb") for path in files)))
     progress = Progress(total_bytes)
@@ -488,13 +504,16 @@ def write_dataset(cfg, documents, total_bytes, data_dir, temp_files, replaced):
         try:
             for result in encoded(cfg, spec, dtype, documents):
                 for split, (ids, nbytes, docs) in result.items():
-                    ids.tofile(outputs[split])
+                    outputs[split].write(ids.data)  # not ids.tofile: its error on a full disk has no reason
                     for key, n in (("tokens", len(ids)), ("bytes", nbytes), ("documents", docs)):
                         counts[split][key] += n
                 progress.update(counts)
         except BaseException:  # an error or Ctrl-C midway
             progress.end_line()
             raise
+        for f in outputs.values():  # on the disk before meta.json vouches for them
+            f.flush()
+            os.fsync(f.fileno())
     progress.update(counts, final=True)
     empty = [split for split in SPLITS if counts[split]["tokens"] == 0]
     if empty:
@@ -509,7 +528,7 @@ def write_dataset(cfg, documents, total_bytes, data_dir, temp_files, replaced):
             **{f"{split}_{key}": n for split in SPLITS for key, n in counts[split].items()}}
     if spec["kind"] == "sp":  # the model file beside the bins too, for tools that want the file itself
         meta["tokenizer_file"] = "tokenizer.model"
-        temp_files.append(os.path.join(data_dir, "tokenizer.model.tmp"))
+        temp_files.append(temp_path(os.path.join(data_dir, "tokenizer.model")))
         with open(temp_files[-1], "wb") as f:
             f.write(base64.b64decode(spec["model"]))
         files[temp_files[-1]] = os.path.join(data_dir, "tokenizer.model")
@@ -532,8 +551,14 @@ def main(argv=None):
     if cfg.tokenizer == "sp" and cfg.sp_vocab_size <= SP_FIXED_PIECES:
         raise UserError(f"--sp_vocab_size must be more than {SP_FIXED_PIECES}, the pieces every model has (256 bytes, "
                         f"unk, eos, newline), not {cfg.sp_vocab_size}")
-    data_dir, replaced = os.path.join("data", cfg.dataset), [0]
-    meta_path = os.path.join(data_dir, "meta.json")
+    data_dir = os.path.join("data", cfg.dataset)
+    with locked_folder(data_dir, "prepare.py"):  # a second prepare.py of this dataset would replace files under it
+        return prepare_dataset(cfg, data_dir)
+
+
+def prepare_dataset(cfg, data_dir):
+    """data_dir's files, unless they are up to date: written to temporary files, then moved into place."""
+    replaced, meta_path = [0], os.path.join(data_dir, "meta.json")
     if cfg.source.startswith(("http://", "https://")):
         cfg = dataclasses.replace(cfg, source=download(cfg.source, data_dir))
     documents, total_bytes, identity = open_source(cfg, replaced)
@@ -549,22 +574,23 @@ def main(argv=None):
             return old
 
     temp_files = []
-    with made_dir(data_dir):
-        try:
-            meta, files = write_dataset(cfg, documents, total_bytes, data_dir, temp_files, replaced)
-            meta.update(fingerprint=stamp, config=dataclasses.asdict(cfg))
-            temp_files.append(meta_path + ".tmp")
-            with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1)
-            # the old meta.json goes first, so that it never vouches for a mix of old and new bins
-            if os.path.exists(meta_path):
-                os.remove(meta_path)
-            for temp, final in [*files.items(), (meta_path + ".tmp", meta_path)]:
-                os.replace(temp, final)
-        finally:  # after a failure: no temporary file (and made_dir leaves no directory made for nothing)
-            for path in temp_files:
-                if os.path.exists(path):
-                    os.remove(path)
+    try:
+        meta, files = write_dataset(cfg, documents, total_bytes, data_dir, temp_files, replaced)
+        meta.update(fingerprint=stamp, config=dataclasses.asdict(cfg))
+        temp_files.append(temp_path(meta_path))
+        with open(temp_files[-1], "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        # the old meta.json goes first, so that it never vouches for a mix of old and new bins
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for temp, final in [*files.items(), (temp_files[-1], meta_path)]:
+            os.replace(temp, final)
+    except OSError as e:  # a full disk, say: meta.json goes last, so the data is the old, the new, or none
+        raise UserError(f"could not write {data_dir}: {e.strerror or e}; no file in it is half-written") from None
+    finally:  # after a failure: no temporary file (and locked_folder leaves no directory made for nothing)
+        for path in temp_files:
+            if os.path.exists(path):
+                os.remove(path)
     print(f"wrote {data_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"vocabulary {meta['vocab_size']:,} ({meta['dtype']})")
     return meta

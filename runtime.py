@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from configurator import UserError
+from configurator import UserError, temp_path
 
 CHECKPOINT_VERSION = 1
 
@@ -198,16 +198,7 @@ def cpu_dtype(use, step=None, shape=""):
 
 def save_checkpoint(path, checkpoint):
     """Write atomically: a crash mid-write leaves the previous file intact."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    replace_atomically(path, lambda f: torch.save(checkpoint, f), "wb")
 
 
 def load_checkpoint(path):
@@ -236,10 +227,25 @@ def load_init(init_from):
 
 def write_atomically(path, text):
     """Replace a text file whole: readers see the old file or the new one, never half of it."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda f: f.write(text), "w")
+
+
+def replace_atomically(path, write, mode):
+    """write(file) into a temporary file of this process's own, flushed to the disk, then renamed over `path`.
+    A failure (a full disk, a read-only folder) is one line, and leaves the previous file as it was."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}; the previous {os.path.basename(path)}, if any, "
+                        "is intact") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def training_snapshot(model, optimizers, scaler, sampler, device, **fields):
@@ -255,11 +261,17 @@ def training_snapshot(model, optimizers, scaler, sampler, device, **fields):
 
 
 def restore_training(checkpoint, model, optimizers, scaler, sampler, device):
-    """Load a training_snapshot back into the model, the optimizers, the loss scale and the generators."""
+    """Load a training_snapshot back into the model, the optimizers, the loss scale and the generators. The
+    optimizers' settings (learning rates, betas, weight decay) stay those they were built with: a resumed run
+    applies its command's, and only the moments and step counts come from the checkpoint."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    settings = [{key: value for key, value in group.items() if key != "params"}
+                for opt in optimizers for group in opt.param_groups]
     # full_state_dict: the checkpoint holds whole tensors, which FSDP shards again as it loads them
     set_state_dict(model, optimizers, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizers"],
                    options=StateDictOptions(full_state_dict=True))
+    for group, setting in zip([group for opt in optimizers for group in opt.param_groups], settings):
+        group.update(setting)
     if scaler.is_enabled() and checkpoint.get("scaler"):  # empty when saved without fp16
         scaler.load_state_dict(checkpoint["scaler"])
     torch.set_rng_state(checkpoint["rng"]["torch"])

@@ -283,10 +283,12 @@ def main(argv, out=sys.stdout):
     cfg = configurator.build(SampleConfig, configurator.parse(argv, SampleConfig))
     if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
         raise UserError("num_samples and max_new_tokens must be at least 1")
-    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
+    if not cfg.temperature >= 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:  # NaN too
         raise UserError("temperature and top_k must not be negative, and top_p must be in (0, 1]")
     if cfg.chat and cfg.prompt:
         raise UserError("--prompt is for generation; with --chat type the messages, or pipe them to stdin")
+    if cfg.system and not cfg.chat:
+        raise UserError("--system is a chat's system message: add --chat, or put the text in --prompt")
     if cfg.threads < 0:
         raise UserError("threads must be at least 1, or 0 for the default")
     model, tokenizer, checkpoint = load(cfg)

@@ -28,9 +28,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import configurator  # first: Ctrl-C during the imports is one line
 import numpy as np
 
-import configurator
 from configurator import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -150,10 +150,16 @@ def load_points(paths, drop_highest=0):
         else:
             parts.append(read_csv(path))
     points = {k: np.concatenate([p[k] for p in parts]) for k in ("N", "D", "C", "loss", "budget")}
+    bad = ~np.all([np.isfinite(points[k]) & (points[k] > 0) for k in ("N", "D", "loss")], axis=0)
+    if bad.any():  # before drop_highest, which would count a NaN loss among the highest
+        raise UserError(f"{bad.sum()} of {len(bad)} points have an N, D or loss that is not a positive finite number "
+                        f"(the first is point {np.argmax(bad) + 1}); fix or remove them")
+    if drop_highest < 0:
+        raise UserError(f"--drop_highest must be 0 or more, got {drop_highest}")
     if drop_highest:
         keep = np.argsort(points["loss"])[:-drop_highest]
         points = {k: v[np.sort(keep)] for k, v in points.items()}
-    if len(points["loss"]) < 5 or not all(np.all(points[k] > 0) for k in ("N", "D", "loss")):
+    if len(points["loss"]) < 5:
         raise UserError(f"need at least 5 points with positive N, D and loss; have {len(points['loss'])}")
     return points
 
@@ -430,6 +436,9 @@ def cmd_mfu(cfg, argv):
     result = dict(N=n, flops_per_token=per_token, attention_share=attention / per_token, peak_tflops=peak)
     if not (cfg.tok_per_sec or cfg.mfu):
         raise UserError("give --tok_per_sec (measured, gives the MFU) or --mfu (assumed, gives the training days)")
+    if cfg.tok_per_sec < 0 or cfg.params < 0 or not 0 <= cfg.mfu <= 1:
+        raise UserError(f"--tok_per_sec and --params must not be negative, and --mfu is a fraction from 0 to 1; got "
+                        f"{cfg.tok_per_sec:g}, {cfg.params:g} and {cfg.mfu:g}")
     if cfg.tok_per_sec:
         result.update(tok_per_sec=cfg.tok_per_sec, mfu=runtime.mfu(per_token, cfg.tok_per_sec, peak * 1e12))
     if cfg.mfu:

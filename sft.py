@@ -361,6 +361,8 @@ def main(argv):
     sft = configurator.build(SFTConfig, overrides)
     if not 0 <= sft.epochs < math.inf:
         raise UserError(f"epochs must be a positive number of passes, or 0 to run max_iters steps; got {sft.epochs:g}")
+    if not sft.lr_fraction > 0:
+        raise UserError(f"lr_fraction multiplies the pretraining learning rates and must be more than 0, got {sft.lr_fraction}")
     # init_from (train.py's key): the pretrained run directory or checkpoint file; out_dir is where sft writes
     init_from = overrides.get("init_from", SFT_DEFAULTS["init_from"])
     out_dir = overrides.get("out_dir", SFT_DEFAULTS["out_dir"])
@@ -370,6 +372,9 @@ def main(argv):
     resume = overrides.get("resume", False)
     # a resumed run takes its architecture, tokenizer and learning rates from its own checkpoint
     start = load_checkpoint(os.path.join(out_dir, "ckpt.pt")) if resume else load_init(init_from)
+    if resume and "sft" not in start:
+        raise UserError(f"--resume: {out_dir}/ckpt.pt is a pretraining run of train.py: resume it with train.py, or "
+                        f"fine-tune it with --init_from={out_dir} and another out_dir")
     if resume and start.get("dataset") != sft.sources:  # its data position counts rows packed from those sources
         raise UserError(f"--resume: {out_dir} was fine-tuned on --sources={start.get('dataset')}, not {sft.sources}; "
                         "resume with the same sources, or start a new run in another out_dir")

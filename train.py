@@ -19,15 +19,17 @@ import json
 import math
 import os
 import signal
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 
-import configurator  # before torch: it sets OpenMP's wait policy
+import configurator  # before torch: it sets OpenMP's wait policy, and Ctrl-C during the imports is one line
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import UserError
+from configurator import UserError, locked_folder
 from model import GPT, GPTConfig, PRESETS
 from prepare import load_meta
 from runtime import (StopSignals, autocast_to, compile_wanted, cpu_dtype, end_process, load_checkpoint, load_init, mfu,
@@ -108,7 +110,8 @@ def launch(cfg, overrides, data=None, init=None):
     default; sft.py passes its packed conversations); `init` is a checkpoint whose architecture and weights the
     model starts from, with a fresh optimizer and step. Returns the signal that stopped the run, or None."""
     device, rank, world = start_process(cfg.device)
-    with StopSignals() as stop:  # Ctrl-C and SIGTERM: finish the step in flight, checkpoint, return
+    # Ctrl-C and SIGTERM: finish the step in flight, checkpoint, return; and one run at a time in out_dir
+    with StopSignals() as stop, holding_out_dir(cfg.out_dir, rank):
         run = setup(cfg, overrides, device, rank, world, data, init)
         train(run, stop)
         end_process(world)
@@ -181,6 +184,7 @@ class TrainState:
     flops: float = 0.0
     elapsed: float = 0.0               # seconds of training, summed over resumes
     best_val_loss: float = float("inf")
+    best_step: int = 0                 # the step best.pt holds
     evals_since_best: int = 0
     lr_scale: float = 1.0              # lowered by each rollback after non-finite losses
     rollbacks: int = 0
@@ -210,6 +214,7 @@ class Run:
     flops_per_token: int
     peak: float | None                 # the device's peak FLOP/s for MFU, None when unknown
     resumed: dict | None               # the checkpoint --resume continues, restored by the loop
+    run_id: str                        # in config.json and every checkpoint: another run's ckpt.pt is never resumed
     log: "RunLog"
     say: object                        # print on the first process, silent on the others
 
@@ -233,7 +238,7 @@ def setup(cfg, overrides, device, rank, world, data, init):
         raise UserError(f"{cfg.out_dir} already holds a run (ckpt.pt): --resume continues it, --overwrite=True starts "
                         "it over, or choose another --out_dir")
     wandb = import_wandb() if cfg.wandb_project and rank == 0 else None
-    resumed = load_resumed(cfg, data) if cfg.resume else None
+    resumed = load_resumed(cfg, data, say) if cfg.resume else None
     model_cfg = resolve_model_config(cfg, overrides, data, tokenizer, resumed or init, say)
     T = model_cfg.block_size
     train_positions, val_positions = data.positions("train", T), data.positions("val", T)
@@ -255,9 +260,10 @@ def setup(cfg, overrides, device, rank, world, data, init):
     eval_offsets = torch.randint(val_positions, (cfg.eval_iters, cfg.batch_size), generator=eval_gen)[rank::world]
 
     log = RunLog(os.path.join(cfg.out_dir, "log.jsonl"), enabled=rank == 0, wandb=wandb)
-    resolved = dict(train=dataclasses.asdict(cfg), model=dataclasses.asdict(model_cfg))
+    run_id = resumed.get("run_id") if resumed else None
+    resolved = dict(run_id=run_id or uuid.uuid4().hex[:12], train=dataclasses.asdict(cfg), model=dataclasses.asdict(model_cfg))
     if rank == 0:
-        open_run_dir(cfg.out_dir, resolved, log, resumed_step=resumed["state"]["step"] if resumed else None)
+        open_run_dir(cfg.out_dir, resolved, log, resumed, say)
         say(json.dumps(resolved, indent=1))
     counts = raw_model.param_counts()
     say(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active_non_embedding'] / 1e6:.2f}M active non-embedding), "
@@ -273,7 +279,7 @@ def setup(cfg, overrides, device, rank, world, data, init):
                optimizers=optimizers, autocast=autocast, scaler=scaler, sampler=torch.Generator().manual_seed(cfg.seed),
                eval_offsets=eval_offsets, device=device, rank=rank, world=world, train_positions=train_positions,
                accum_steps=accum_steps, batch_tokens=batch_tokens, total_steps=total_steps,
-               flops_per_token=flops_per_token, peak=peak, resumed=resumed, log=log, say=say)
+               flops_per_token=flops_per_token, peak=peak, resumed=resumed, run_id=resolved["run_id"], log=log, say=say)
 
 
 def check_config(cfg):
@@ -287,6 +293,15 @@ def check_config(cfg):
         raise UserError(f"decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise UserError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    for key in ("learning_rate", "muon_lr"):
+        if not getattr(cfg, key) > 0:
+            raise UserError(f"{key} must be more than 0, got {getattr(cfg, key)}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    configurator.check_at_least(cfg, weight_decay=0)
+    if not 0 < cfg.nan_lr_factor <= 1:
+        raise UserError(f"nan_lr_factor must be in (0, 1], got {cfg.nan_lr_factor}")
 
 
 def import_wandb():
@@ -298,13 +313,55 @@ def import_wandb():
     return wandb
 
 
-def load_resumed(cfg, data):
+def holding_out_dir(out_dir, rank):
+    """The first process holds out_dir (made if missing) for the whole run; a second run there stops at once."""
+    return locked_folder(out_dir, os.path.basename(sys.argv[0]) or "train.py") if rank == 0 else contextlib.nullcontext()
+
+
+def load_resumed(cfg, data, say):
+    """out_dir/ckpt.pt, once it is known to be this run's, of this data, and resumable by this command."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     resumed = load_checkpoint(path)
-    if resumed["tokenizer"] != data.checkpoint_fields["tokenizer"]:
-        raise UserError(f"{path} was trained on other tokens (dataset {resumed.get('dataset')!r}): --resume needs "
-                        "the same data; to train on new data start from it with --init_from instead")
+    missing = sorted({"optimizers", "state", "rng", "config", "model_config"} - resumed.keys())
+    if missing:
+        raise UserError(f"{path} has no {', '.join(missing)}: it holds weights to start from, not a run to resume; "
+                        "use --init_from instead")
+    if "sft" in resumed and "sft" not in data.checkpoint_fields:
+        raise UserError(f"{path} is a fine-tuning run of sft.py: resume it with python sft.py --resume (its chat data "
+                        "and template are sft.py's)")
+    if not same_data(resumed, data.checkpoint_fields):
+        raise UserError(f"{path} was trained on other data (dataset {resumed.get('dataset')!r}, prepared with other "
+                        f"input, settings or tokens than data/{cfg.dataset} now): --resume needs the same data; to "
+                        "train on new data start from it with --init_from instead")
+    owner = recorded_run_id(cfg.out_dir)
+    if owner and resumed.get("run_id") and owner != resumed["run_id"]:
+        raise UserError(f"{path} belongs to another run ({resumed['run_id']}; {cfg.out_dir}/config.json is run {owner}): "
+                        "resume it in its own out_dir, or start from it with --init_from")
+    if resumed["config"].get("optimizer", cfg.optimizer) != cfg.optimizer:
+        raise UserError(f"{path} trained with optimizer={resumed['config']['optimizer']}; --resume keeps the optimizer "
+                        "(its state is in the checkpoint): drop --optimizer, or start from it with --init_from")
+    changed = [f"{key} {resumed['config'][key]!r} -> {value!r}" for key, value in dataclasses.asdict(cfg).items()
+               if key in resumed["config"] and key not in ("resume", "overwrite", "init_from") and resumed["config"][key] != value]
+    if changed:
+        say(f"note: resuming with settings other than the checkpoint's: {', '.join(changed)}")
     return resumed
+
+
+def same_data(checkpoint, fields):
+    """Whether a checkpoint was trained on the data behind `fields`: prepare.py's fingerprint of its input and
+    settings when both have one, else the dataset's name and tokenizer."""
+    if checkpoint.get("data_fingerprint") and fields.get("data_fingerprint"):
+        return checkpoint["data_fingerprint"] == fields["data_fingerprint"]
+    return checkpoint.get("dataset") == fields.get("dataset") and checkpoint.get("tokenizer") == fields["tokenizer"]
+
+
+def recorded_run_id(out_dir):
+    """The run id in out_dir/config.json, or None for a folder without one (an older run, a copied checkpoint)."""
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            return json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resolve_model_config(cfg, overrides, data, tokenizer, start, say):
@@ -443,15 +500,34 @@ def float32_newton_schulz(grad, ns_coefficients, ns_steps, eps):
     return x.T if tall else x
 
 
-def open_run_dir(out_dir, resolved, log, resumed_step):
-    """Create out_dir, record the resolved config, and start the log (a resumed run keeps its lines up to the
-    checkpoint's step: what the interrupted run logged after it is trained again)."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create out_dir {out_dir}: {e.strerror}") from None
+def open_run_dir(out_dir, resolved, log, resumed, say):
+    """Record the resolved config and start the log: a resumed run keeps its lines up to the checkpoint's step
+    (what the interrupted run logged after it is trained again); a new one starts with no checkpoint of an
+    earlier run (--overwrite) left beside it."""
     write_atomically(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2))
-    log.start(resumed_step)
+    if resumed:
+        catch_up_best(out_dir, resumed, say)
+    else:
+        for name in ("ckpt.pt", "best.pt"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
+    log.start(resumed["state"]["step"] if resumed else None)
+
+
+def catch_up_best(out_dir, resumed, say):
+    """ckpt.pt is written before best.pt: after a crash between the two, ckpt.pt is the best checkpoint and best.pt
+    one evaluation behind. Then ckpt.pt is written as best.pt too, so that best.pt is never left behind."""
+    state, best_path = resumed["state"], os.path.join(out_dir, "best.pt")
+    if state.get("best_step") != state["step"]:
+        return
+    try:
+        best_step = torch.load(best_path, map_location="cpu", mmap=True, weights_only=True)["state"]["step"]
+    except Exception:  # missing or unreadable: as behind as can be
+        best_step = None
+    if best_step != state["step"]:
+        save_checkpoint(best_path, resumed)
+        say(f"best.pt missed the best evaluation, step {state['step']} (a crash between the two writes): written "
+            "again from ckpt.pt")
 
 
 # ----------------------------------------------------------------------------- data
@@ -472,7 +548,8 @@ class TokenData:
         self.bytes_per_val_token = self.meta["val_bytes"] / self.meta["val_tokens"]
         # samples start a new document and draw from the tokenizer's ids only, never the padding rows
         self.sample_prompt, self.sample_stop_tokens, self.sample_vocab_size = [self.meta["eot_id"]], (), self.vocab_size
-        self.checkpoint_fields = dict(tokenizer=self.meta["tokenizer"], dataset=dataset)
+        self.checkpoint_fields = dict(tokenizer=self.meta["tokenizer"], dataset=dataset,
+                                      data_fingerprint=self.meta.get("fingerprint"))
 
     def positions(self, split, block_size):
         """How many sequences can be drawn from `split`: the offsets a window of block_size + 1 fits at."""
@@ -483,14 +560,17 @@ class TokenData:
         return n - block_size
 
     def batch(self, split, offsets, block_size):
-        return read_batch(os.path.join(self.dir, f"{split}.bin"), self.meta["dtype"], offsets, block_size)
+        return read_batch(os.path.join(self.dir, f"{split}.bin"), self.meta["dtype"], offsets, block_size, self.vocab_size)
 
 
-def read_batch(path, dtype, offsets, block_size):
+def read_batch(path, dtype, offsets, block_size, vocab_size):
     """Inputs and next-token targets for sequences starting at `offsets`. A fresh memmap per batch:
     one held open across a long run grows the process's memory (nanoGPT's note)."""
     data = np.memmap(path, dtype=dtype, mode="r")
     rows = data[offsets.numpy()[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    if rows.max() >= vocab_size:  # else an IndexError deep in the embedding, or on a GPU a device-side assert
+        raise UserError(f"{path} holds token id {rows.max()}, beyond meta.json's vocabulary of {vocab_size}: the file "
+                        "is damaged or another dataset's; prepare it again with --force")
     rows = torch.from_numpy(rows)
     return rows[:, :-1], rows[:, 1:]
 
@@ -597,7 +677,8 @@ def finish(run, state, clock, reason, by_signal):
     never stopped. Otherwise the last step is evaluated if it was not yet."""
     if by_signal:
         checkpoint(run, state, clock, evaluate_first=False)
-        run.say(f"{reason} at step {state.step}; continue with --resume")
+        run.say(f"{reason} at step {state.step}; " + ("continue with --resume" if state.step else
+                                                       "no step was taken, so there is nothing to resume: run it again"))
         return
     if state.step % run.cfg.eval_interval:
         checkpoint(run, state, clock, evaluate_first=True)
@@ -632,7 +713,7 @@ def evaluate_and_report(run, state):
     bpb = val_loss / run.data.bytes_per_val_token / math.log(2)
     improved = val_loss < state.best_val_loss
     if improved:
-        state.best_val_loss, state.evals_since_best = val_loss, 0
+        state.best_val_loss, state.best_step, state.evals_since_best = val_loss, state.step, 0
     else:
         state.evals_since_best += 1
     perplexity = math.exp(min(val_loss, 50))
@@ -677,7 +758,7 @@ def print_sample(run):
 def checkpoint_snapshot(run, state):
     return training_snapshot(run.raw_model, run.optimizers, run.scaler, run.sampler, run.device,
                              model_config=dataclasses.asdict(run.model_cfg), config=dataclasses.asdict(run.cfg),
-                             state=dataclasses.asdict(state), **run.data.checkpoint_fields)
+                             state=dataclasses.asdict(state), run_id=run.run_id, **run.data.checkpoint_fields)
 
 
 def restore(run, checkpoint):
@@ -722,8 +803,12 @@ class RunLog:
 
     def write(self, record):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: ckpt.pt still holds the last checkpoint
+                raise UserError(f"could not write {self.path}: {e.strerror}; ckpt.pt holds the last checkpoint: "
+                                "fix that and --resume") from None
             if self.wandb:
                 self.wandb.log(record, step=record["step"])
 

@@ -7,9 +7,11 @@
 # that would be about 2 hours; train.py prints the measured tokens/s, MFU and ETA.
 #   python prepare.py config/gpt_51m.py && python train.py config/gpt_51m.py
 
-# data (prepare.py): BookCorpus from the Hugging Face Hub, streamed
+# data (prepare.py): BookCorpus from the Hugging Face Hub, streamed. The canonical repository (bookcorpus/bookcorpus)
+# loads through a script, which datasets 4 refuses; rojagtap/bookcorpus holds the same 74M sentences as Parquet
+# (column "text", split "train"), which needs none
 dataset = "bookcorpus_gpt2"
-source = "hf:bookcorpus"
+source = "hf:rojagtap/bookcorpus"
 tokenizer = "gpt2"
 
 # model

@@ -4,6 +4,7 @@ and what no standard architecture expresses is refused in one line. CPU only, no
 
 import base64
 import dataclasses
+import errno
 import io
 import os
 
@@ -12,6 +13,8 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
+
+import transformers
 
 import export
 import runtime
@@ -212,6 +215,29 @@ def test_export_never_deletes_the_run_or_files_that_are_not_an_export(tmp_path):
         export.main([f"--out_dir={run}", f"--to={tmp_path / 'file'}"])
     for _ in range(2):  # an earlier export is replaced
         export.main([f"--out_dir={run}", f"--to={tmp_path / 'hf'}", "--overwrite"])
+    assert sorted(os.listdir(tmp_path)) == ["file", "hf", "notes", "run"]  # nothing staged is left beside it
+
+
+def test_a_target_that_cannot_be_written_is_one_line_and_the_earlier_export_is_kept(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    write_run(run, **ARCHS["gpt2"])
+    export.main([f"--out_dir={run}", f"--to={tmp_path / 'hf'}"])
+    before = {name: (tmp_path / "hf" / name).read_bytes() for name in os.listdir(tmp_path / "hf")}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(UserError, match=f"cannot write {tmp_path / 'hf'}: No space left on device"):
+        export.main([f"--out_dir={run}", f"--to={tmp_path / 'hf'}", "--overwrite"])
+    assert {name: (tmp_path / "hf" / name).read_bytes() for name in os.listdir(tmp_path / "hf")} == before
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(UserError, match=f"cannot write {tmp_path / 'new'}: Permission denied"):  # a read-only parent
+        export.main([f"--out_dir={run}", f"--to={tmp_path / 'new'}"])
 
 
 def test_a_broken_hugging_face_folder_is_one_line(tmp_path):

@@ -1,11 +1,14 @@
 """prepare.py and tokenizer.py on small local corpora: CPU only, no network."""
 
 import base64
+import errno
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -182,7 +185,7 @@ def test_interrupted_runs_leave_no_bin_and_keep_the_old_data(workdir, monkeypatc
 
     monkeypatch.setattr(prepare, "encode_batch", real_encode_batch)
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="could not write data/e: disk full; no file in it is half-written"):
         prepare.main(["--source=corpus.txt", "--dataset=e"])
     assert not os.path.exists("data/e")
 
@@ -378,3 +381,106 @@ def test_an_error_midway_starts_its_own_line_after_the_progress_line(workdir, mo
         prepare.main(["--source=corpus.txt", "--dataset=d", "--num_workers=1"])
     err = capsys.readouterr().err
     assert "documents" in err and err.endswith("\n")  # the progress line was printed, and ended
+
+
+# ----------------------------------------------------------------------------- reliability (issue 18)
+
+def test_two_prepare_runs_on_one_dataset_the_second_stops_at_once_and_kill_9_leaves_no_lock(workdir):
+    """Two at once: one died on the other's temporary file, and its cleanup deleted the other's meta.json."""
+    (workdir / "corpus.txt").write_text("the quick brown fox\n" * 2000)
+    (workdir / "held.py").write_text("import os, time\n\ndef wait(text):\n    open('started', 'a').close()\n"
+                                     "    while not os.path.exists('release'):\n        time.sleep(0.02)\n    return text\n")
+    command = [sys.executable, os.path.join(ROOT, "prepare.py"), "--source=corpus.txt", "--dataset=d", "--num_workers=1"]
+    env = {**os.environ, "PYTHONPATH": str(workdir)}
+    first = subprocess.Popen(command + ["--pretokenize=held:wait"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    while not os.path.exists("started"):
+        assert first.poll() is None, first.stderr.read()
+        time.sleep(0.02)
+    second = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert second.returncode == 1
+    assert second.stderr == (f"error: data/d is in use by prepare.py (pid {first.pid}): one process at a time per "
+                             "folder; wait for it to end, or stop it\n")
+    open("release", "w").close()
+    assert first.wait() == 0
+    before = prepare.load_meta("data/d")
+    assert sorted(os.listdir("data/d")) == ["meta.json", "train.bin", "val.bin"]
+
+    os.remove("release")
+    os.remove("started")
+    killed = subprocess.Popen(command + ["--pretokenize=held:wait", "--force"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    while not os.path.exists("started"):
+        time.sleep(0.02)
+    open("data/d/train.bin.99999.tmp", "wb").close()  # what a run killed while writing leaves
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert prepare.load_meta("data/d") == before  # untouched by the run that died
+    # up to date, so it only takes the lock (no stale one is left) and clears what the killed run left
+    subprocess.run(command + ["--pretokenize=held:wait"], check=True, capture_output=True, env=env)
+    assert sorted(os.listdir("data/d")) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_data(workdir, monkeypatch):
+    (workdir / "corpus.txt").write_text("to be or not to be\n" * 500)
+    before = prepare.main(["--source=corpus.txt", "--dataset=d"])
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match="could not write data/d: No space left on device; no file in it is half-written"):
+        prepare.main(["--source=corpus.txt", "--dataset=d", "--force"])
+    assert prepare.load_meta("data/d") == before and sorted(os.listdir("data/d")) == ["meta.json", "train.bin", "val.bin"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(vocab_size="65"), "vocab_size is '65', not a positive whole number"),
+    (dict(dtype="float16"), "dtype is 'float16'; token ids are stored as uint16 or uint32"),
+    (dict(vocab_size=70000), "vocab_size 70000 and eot_id .* do not fit dtype uint16"),
+    (dict(val_tokens=0), "val_tokens is 0, not a positive whole number"),
+])
+def test_a_meta_json_that_cannot_be_right_is_one_line(workdir, change, message):
+    (workdir / "corpus.txt").write_text("to be or not to be\n" * 100)
+    meta = prepare.main(["--source=corpus.txt", "--dataset=d"])
+    with open("data/d/meta.json", "w") as f:
+        json.dump({**meta, **change}, f)
+    with pytest.raises(UserError, match=f"data/d/meta.json: {message}; rerun .*--force"):
+        prepare.load_meta("data/d")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_text_column_of_numbers_or_lists_is_one_line(workdir, workers):
+    for name, value, shown in [("numbers.jsonl", 5, "int 5"), ("lists.jsonl", [1, 2], r"list \[1, 2\]")]:
+        with open(name, "w") as f:
+            f.writelines(json.dumps({"text": value}) + "\n" for _ in range(20))
+        with pytest.raises(UserError, match=f"{name}: row 1's 'text' is {shown}, not text; pass the --text_column"):
+            prepare.main([f"--source={name}", "--dataset=d", f"--num_workers={workers}"])
+        assert not os.path.exists("data")
+
+
+def test_a_row_that_breaks_deep_in_a_stream_is_one_line():
+    def rows():
+        yield {"text": "fine"}
+        yield {"text": "fine too"}
+        raise ValueError("JSON parse error: Missing a name for object member. in row 37627")  # pyarrow's ArrowInvalid
+
+    documents = prepare.rows_documents(rows(), prepare.PrepareConfig(source="big.jsonl"))
+    with pytest.raises(UserError, match=r"big.jsonl: row 3 cannot be read \(ValueError: JSON parse error"):
+        list(documents())
+
+
+def test_a_bad_jsonl_is_the_one_line_without_the_loaders_own_log_line(workdir):
+    (workdir / "bad.jsonl").write_text('{"text": "fine"}\n{bad json\n')
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--source=bad.jsonl"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("error: could not load bad.jsonl: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_dangling_dataset_link_is_one_line(workdir):
+    (workdir / "corpus.txt").write_text("to be or not to be\n" * 100)
+    os.makedirs("data")
+    os.symlink("/nowhere/shakespeare", "data/d")
+    with pytest.raises(UserError, match="data/d is a symbolic link to /nowhere/shakespeare, which does not exist"):
+        prepare.main(["--source=corpus.txt", "--dataset=d"])

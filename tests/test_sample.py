@@ -338,3 +338,11 @@ def test_the_script_prints_one_line_and_exits_1(tmp_path):
     result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr == f"error: no checkpoint at {tmp_path}/ckpt.pt: train one with train.py, or point --out_dir (and --ckpt) at a run or an exported Hugging Face folder\n"
+
+
+def test_a_system_message_without_chat_and_a_temperature_that_is_not_a_number_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="--system is a chat's system message: add --chat"):
+        sample.main(["--system=You are terse."])  # was ignored in silence
+    (tmp_path / "recipe.py").write_text("temperature = float('nan')\n")  # was torch.multinomial's traceback
+    with pytest.raises(UserError, match="temperature must be a finite number, got nan"):
+        sample.main([str(tmp_path / "recipe.py")])

@@ -200,3 +200,15 @@ def test_ctrl_c_is_one_line_and_exit_130():
             "configurator.parse = interrupt\nrunpy.run_path('scaling.py', run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code, "fit"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 130 and done.stderr == "interrupted\n"
+
+
+def test_points_that_are_not_finite_and_negative_counts_are_one_line(tmp_path, capsys):
+    good = dict(params=[1e6, 2e6, 4e6, 8e6, 16e6, 32e6], tokens=[1e9] * 6, loss=[4.0, 3.8, 3.6, 3.5, 3.4, 3.3])
+    for loss, count in [([4.0, 3.8, float("inf"), 3.5, 3.4, 3.3], 1), ([float("nan")] * 2 + [3.6, 3.5, 3.4, 3.3], 2)]:
+        path = write_csv(tmp_path / "points.csv", dict(good, loss=loss))  # an inf fitted E = 0; a NaN was dropped as highest
+        with pytest.raises(UserError, match=f"{count} of 6 points have an N, D or loss that is not a positive finite number"):
+            scaling.main(["fit", path, "--drop_highest=2", "--bootstrap=0"])
+    with pytest.raises(UserError, match="--drop_highest must be 0 or more, got -1"):
+        scaling.main(["fit", write_csv(tmp_path / "good.csv", good), "--drop_highest=-1"])
+    with pytest.raises(UserError, match="--tok_per_sec and --params must not be negative"):  # printed an MFU of -43.7%
+        scaling.main(["mfu", "--params=1e9", "--tok_per_sec=-50000", "--gpu=A100"])

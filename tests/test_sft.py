@@ -278,6 +278,8 @@ def test_negative_epochs_are_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="epochs must be a positive number of passes, or 0 to run max_iters steps; got -1"):
         sft.main(["--epochs=-1"])
+    with pytest.raises(UserError, match="lr_fraction multiplies the pretraining learning rates and must be more than 0"):
+        sft.main(["--lr_fraction=-0.1"])
 
 
 def test_the_offline_demo_fits_the_quick_start_model():
@@ -323,6 +325,11 @@ def test_resume_continues_with_the_fine_tuning_learning_rate(base_run):
     assert resumed[10] == pytest.approx(straight[10]) and resumed[7] == pytest.approx(straight[7])
     with pytest.raises(UserError, match="--resume: resumed was fine-tuned on --sources=chat.jsonl, not demo"):
         sft.main([a for a in args if not a.startswith("--sources")] + ["--max_iters=12", "--out_dir=resumed", "--resume"])
+    # each script resumes its own runs only: train.py would train the chat model on pretraining data
+    with pytest.raises(UserError, match="resumed/ckpt.pt is a fine-tuning run of sft.py: resume it with python sft.py"):
+        train.main(["--dataset=tiny", "--out_dir=resumed", "--resume", "--max_iters=12"])
+    with pytest.raises(UserError, match="--resume: base/ckpt.pt is a pretraining run of train.py: resume it with train.py"):
+        sft.main(["--out_dir=base", "--sources=chat.jsonl", "--resume"])
 
 
 def test_epochs_set_the_step_budget_from_the_packed_rows(base_run, capsys):

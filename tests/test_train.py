@@ -1,15 +1,18 @@
 """The training loop on tiny models: loss falls, exact resume, atomic checkpoints, NaN handling,
 budgets, the log format, bad configs, and one process against two under torchrun."""
 
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -298,6 +301,12 @@ def test_a_run_directory_that_holds_a_run_is_never_overwritten_by_mistake(tiny_d
     ("--decay_fraction=0.0", r"decay_fraction must be in \(0, 1\]"),
     ("--compile=yes", "compile must be auto, true or false"),
     ("--device=gpu", "device must be auto, cpu, cuda"),
+    ("--learning_rate=-1e-3", "learning_rate must be more than 0, got -0.001"),
+    ("--learning_rate=nan", "learning_rate must be a finite number, got nan"),
+    ("--max_flops=nan", "max_flops must be a finite number, got nan"),
+    ("--beta1=1.5", r"beta1 must be in \[0, 1\), got 1.5"),
+    ("--weight_decay=-0.1", "weight_decay must be at least 0"),
+    ("--nan_lr_factor=0", r"nan_lr_factor must be in \(0, 1\]"),
 ])
 def test_settings_that_would_fail_midway_are_refused_before_anything_is_written(tiny_data, arg, message):
     with pytest.raises(UserError, match=message):
@@ -313,7 +322,7 @@ def test_a_device_that_is_not_there_is_one_line(tiny_data):
 
 def test_out_dir_that_cannot_be_created_is_one_line(tiny_data):
     open("taken", "w").close()
-    with pytest.raises(UserError, match="cannot create out_dir taken"):
+    with pytest.raises(UserError, match="cannot create taken: File exists"):
         train.main(TINY + ["--out_dir=taken", "--max_iters=2"])
 
 
@@ -323,7 +332,7 @@ def test_resume_on_other_data_is_refused_and_a_half_written_log_line_is_dropped(
         f.write("0123456789 abcdefghijklmnopqrstuvwxyz\n" * 400)
     prepare.main(["--source=corpus2.txt", "--dataset=other", "--tokenizer=char"])
     config_before = open("run/config.json").read()
-    with pytest.raises(UserError, match="was trained on other tokens .dataset 'tiny'.: --resume needs the same data"):
+    with pytest.raises(UserError, match="was trained on other data .dataset 'tiny'.*--resume needs the same data"):
         train.main(TINY + ["--out_dir=run", "--resume", "--dataset=other", "--max_iters=8"])
     assert open("run/config.json").read() == config_before
 
@@ -414,3 +423,223 @@ def test_muon_takes_the_hidden_matrices_only_and_no_bias_is_decayed():
     assert "transformer.h.1.mlp.experts.c_fc.bias" in name.values()  # a 2-D stack of the experts' biases
     assert not any(n.endswith(".bias") for n in decayed)
     assert "transformer.h.1.mlp.experts.c_fc.weight" in decayed  # the 3-D stack: AdamW, with decay
+
+
+# ----------------------------------------------------------------------------- reliability (issue 18)
+
+def wait_for(condition, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def logged_steps(out_dir):
+    """The steps log.jsonl holds now, read as another process appends to it (a torn last line is skipped)."""
+    try:
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_second_run_in_the_same_out_dir_stops_at_once_naming_the_first(tiny_data):
+    """Before its first checkpoint, a run was unprotected: a second one in its out_dir shared its files."""
+    args = [os.path.join(ROOT, "train.py")] + TINY + ["--out_dir=run", "--eval_interval=100000", "--log_interval=1"]
+    first = subprocess.Popen([sys.executable, *args, "--max_iters=1000000"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(logged_steps("run")) >= 3)  # training, and no ckpt.pt yet
+        assert not os.path.exists("run/ckpt.pt")
+        second = run_script(*args, "--max_iters=4")
+        assert second.returncode == 1
+        assert second.stderr == (f"error: run is in use by train.py (pid {first.pid}): one process at a time per "
+                                 "folder; wait for it to end, or stop it\n")
+        assert first.poll() is None  # the first one goes on
+    finally:
+        first.kill()
+        first.wait()
+    open("run/ckpt.pt.99999.tmp", "wb").close()  # what a run killed mid-write leaves
+    third = run_script(*args, "--max_iters=2")  # kill -9 leaves no stale lock
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert sorted(os.listdir("run")) == ["best.pt", "ckpt.pt", "config.json", "log.jsonl"]
+
+
+def test_kill_9_at_random_moments_then_resume_logs_every_loss_of_an_uninterrupted_run(tiny_data):
+    args = [os.path.join(ROOT, "train.py")] + TINY + ["--max_iters=60", "--eval_interval=10", "--log_interval=1"]
+    train.main(args[1:] + ["--out_dir=straight"])
+    rng = random.Random()
+    kills = sorted(rng.sample(range(2, 58), 3))  # the steps after which each kill comes, within a random 0.3 s
+    for target in kills:
+        resume = ["--resume"] if os.path.exists("killed/ckpt.pt") else []
+        run = subprocess.Popen([sys.executable, *args, "--out_dir=killed", *resume], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        wait_for(lambda: max(logged_steps("killed"), default=0) >= target or run.poll() is not None)
+        time.sleep(rng.uniform(0, 0.3))  # anywhere in a step, an evaluation or a checkpoint write
+        run.kill()
+        assert run.wait() in (-signal.SIGKILL, 0)
+    resume = ["--resume"] if os.path.exists("killed/ckpt.pt") else []
+    last = run_script(*args, "--out_dir=killed", *resume)
+    assert last.returncode == 0, (kills, last.stderr[-2000:])
+    assert train_losses("killed") == train_losses("straight"), kills  # exact float equality, every step
+    assert len(train_losses("straight")) == 60
+
+
+def test_resume_applies_the_commands_optimizer_settings_and_config_json_says_so(tiny_data):
+    args = TINY + ["--eval_interval=4", "--log_interval=1"]
+    changed = ["--learning_rate=1e-4", "--weight_decay=0.0", "--beta1=0.8", "--beta2=0.95"]
+    train.main(args + ["--out_dir=run", "--max_iters=8"])
+    train.main(args + ["--out_dir=run", "--max_iters=12", "--resume", *changed])
+    train.main(args + ["--out_dir=fresh", "--max_iters=12", *changed])  # the same schedule from the start
+    lr = {d: {r["step"]: r["lr"] for r in read_log(d) if "lr" in r} for d in ("run", "fresh")}
+    assert [lr["run"][s] for s in range(9, 13)] == [lr["fresh"][s] for s in range(9, 13)]
+    for group in runtime.load_checkpoint("run/ckpt.pt")["optimizers"]["param_groups"]:
+        assert (group["peak_lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-4, (0.8, 0.95), 0.0)
+    with open("run/config.json") as f:
+        config = json.load(f)["train"]
+    assert (config["learning_rate"], config["weight_decay"], config["beta1"], config["beta2"]) == (1e-4, 0.0, 0.8, 0.95)
+
+
+def test_resume_on_other_data_of_the_same_characters_is_refused_and_nothing_changes(tiny_data):
+    train.main(TINY + ["--out_dir=run", "--max_iters=4", "--eval_interval=4"])
+    lines = open("corpus.txt").read().splitlines()
+    random.Random(1).shuffle(lines)
+    with open("shuffled.txt", "w") as f:
+        f.write("\n".join(lines))
+    prepare.main(["--source=shuffled.txt", "--dataset=shuffled", "--tokenizer=char"])
+    assert prepare.load_meta("data/shuffled")["tokenizer"] == prepare.load_meta("data/tiny")["tokenizer"]
+    before = {name: open(f"run/{name}", "rb").read() for name in os.listdir("run")}
+    with pytest.raises(UserError, match="run/ckpt.pt was trained on other data .dataset 'tiny'.*--init_from"):
+        train.main(TINY + ["--out_dir=run", "--resume", "--dataset=shuffled", "--max_iters=8"])
+    assert {name: open(f"run/{name}", "rb").read() for name in os.listdir("run")} == before
+
+
+def test_another_runs_checkpoint_is_refused_and_the_log_is_kept(tiny_data):
+    train.main(TINY + ["--out_dir=mine", "--max_iters=8", "--eval_interval=4", "--log_interval=1"])
+    train.main(TINY + ["--out_dir=other", "--max_iters=4", "--eval_interval=4"])
+    shutil.copy("other/ckpt.pt", "mine/ckpt.pt")  # dropped in by mistake
+    log = open("mine/log.jsonl").read()
+    with pytest.raises(UserError, match=r"mine/ckpt.pt belongs to another run \(\w+; mine/config.json is run \w+\)"):
+        train.main(TINY + ["--out_dir=mine", "--resume", "--max_iters=8"])
+    assert open("mine/log.jsonl").read() == log
+
+
+def test_a_sigint_before_the_first_step_does_not_advise_a_resume_that_would_fail(tiny_data, monkeypatch, capsys):
+    real_read_batch = train.read_batch
+
+    def interrupt_the_first_evaluation(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_read_batch(*args)
+
+    monkeypatch.setattr(train, "read_batch", interrupt_the_first_evaluation)
+    assert train.main(TINY + ["--out_dir=run", "--max_iters=4"]) == signal.SIGINT
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "stopped by SIGINT at step 0; no step was taken, so there is nothing to resume: run it again"
+    assert not os.path.exists("run/ckpt.pt")
+
+
+@pytest.mark.parametrize("script", ["train.py", "prepare.py", "sft.py", "scaling.py"])
+def test_ctrl_c_during_the_imports_is_one_line_and_exit_130(tmp_path, script):
+    (tmp_path / "numpy.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")  # Ctrl-C mid-import
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script)], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 130 and result.stderr == "interrupted\n"
+
+
+def test_a_crash_between_ckpt_pt_and_best_pt_is_caught_up_on_resume(tiny_data, monkeypatch, capsys):
+    real_save = train.save_checkpoint
+
+    def crash_before_the_second_best(path, snapshot):
+        if path.endswith("best.pt") and snapshot["state"]["step"] == 8:
+            raise KeyboardInterrupt  # the process dies between the two writes
+        real_save(path, snapshot)
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_before_the_second_best)
+    args = TINY + ["--out_dir=run", "--max_iters=8", "--eval_interval=4"]
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    assert runtime.load_checkpoint("run/best.pt")["state"]["step"] == 4
+    assert runtime.load_checkpoint("run/ckpt.pt")["state"]["best_step"] == 8
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main(args + ["--resume"])
+    assert "best.pt missed the best evaluation, step 8" in capsys.readouterr().out
+    best, latest = runtime.load_checkpoint("run/best.pt"), runtime.load_checkpoint("run/ckpt.pt")
+    assert best["state"]["step"] == 8 and all(torch.equal(best["model"][k], latest["model"][k]) for k in latest["model"])
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(tiny_data, monkeypatch):
+    args = TINY + ["--out_dir=run", "--eval_interval=4", "--log_interval=1"]
+    train.main(args + ["--max_iters=4"])
+    log = open("run/log.jsonl").read()
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: no_space() if dst.endswith("log.jsonl") else real_replace(src, dst))
+    with pytest.raises(UserError, match="could not write run/log.jsonl: No space left on device; the previous log.jsonl"):
+        train.main(args + ["--max_iters=8", "--resume"])  # the resumed log's rewrite
+    assert open("run/log.jsonl").read() == log
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (f.write(b"half a checkpoint"), no_space()))
+    with pytest.raises(UserError, match="could not write run/ckpt.pt: No space left on device; the previous ckpt.pt"):
+        train.main(args + ["--max_iters=8", "--resume"])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert runtime.load_checkpoint("run/ckpt.pt")["state"]["step"] == 4
+    assert max(train_losses("run")) == 8  # logged before the failed checkpoint, trained again on resume
+
+    real_open = open
+    monkeypatch.setattr(train, "open", lambda path, mode="r", *a, **k: no_space() if mode == "a" else real_open(path, mode, *a, **k),
+                        raising=False)
+    with pytest.raises(UserError, match="could not write run/log.jsonl: No space left on device; ckpt.pt holds"):
+        train.main(args + ["--max_iters=8", "--resume"])
+    assert sorted(os.listdir("run")) == ["best.pt", "ckpt.pt", "config.json", "log.jsonl"]
+
+
+def test_a_read_only_out_dir_or_a_dangling_link_is_one_line(tiny_data, monkeypatch):
+    train.main(TINY + ["--out_dir=run", "--max_iters=4", "--eval_interval=4"])
+    before = {name: open(f"run/{name}", "rb").read() for name in os.listdir("run")}
+    real_open = os.open
+
+    def read_only(path, *args):  # as root, a chmod would not stop the writes
+        if str(path).startswith("run"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(UserError, match="cannot write in run: Read-only file system"):
+        train.main(TINY + ["--out_dir=run", "--resume", "--max_iters=8"])
+    monkeypatch.setattr(os, "open", real_open)
+    assert {name: open(f"run/{name}", "rb").read() for name in os.listdir("run")} == before
+    os.symlink("nowhere", "linked")
+    with pytest.raises(UserError, match="linked is a symbolic link to nowhere, which does not exist"):
+        train.main(TINY + ["--out_dir=linked", "--max_iters=4"])
+
+
+def test_a_checkpoint_without_optimizer_state_is_not_resumed(tiny_data):
+    train.main(TINY + ["--out_dir=run", "--max_iters=4", "--eval_interval=4"])
+    checkpoint = runtime.load_checkpoint("run/ckpt.pt")
+    del checkpoint["optimizers"]  # weights only, as export.py --from_hf writes them
+    runtime.save_checkpoint("run/ckpt.pt", checkpoint)
+    with pytest.raises(UserError, match="run/ckpt.pt has no optimizers: it holds weights to start from, not a run to "
+                                        "resume; use --init_from instead"):
+        train.main(TINY + ["--out_dir=run", "--resume", "--max_iters=8"])
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_line(tiny_data):
+    meta = prepare.load_meta("data/tiny")
+    np.full(meta["val_tokens"], 60000, dtype=np.uint16).tofile("data/tiny/val.bin")  # same size, other ids
+    with pytest.raises(UserError, match="val.bin holds token id 60000, beyond meta.json's vocabulary of 21"):
+        train.main(TINY + ["--out_dir=run", "--max_iters=4"])
+
+
+def test_values_that_are_not_finite_in_a_config_file_are_one_line(tiny_data):
+    for line, message in [("max_flops = float('inf')", "max_flops must be a finite number, got inf"),
+                          ("grad_clip = float('nan')", "grad_clip must be a finite number, got nan")]:
+        with open("recipe.py", "w") as f:
+            f.write(line + "\n")
+        with pytest.raises(UserError, match=message):
+            train.main(["recipe.py"] + TINY + ["--out_dir=run"])
+        assert not os.path.exists("run")
