@@ -183,6 +183,10 @@ def export(cfg):
     checkpoint = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
     c = GPTConfig(**checkpoint["model_config"])
     arch = architecture(c)
+    hook = checkpoint["tokenizer"].get("pretokenize")
+    if hook:  # a Hugging Face tokenizer runs no Python hook, such as a morpheme analyser
+        raise UserError(f"this model's tokenizer cuts text with the pretokenize hook {hook} before encoding, which "
+                        "transformers cannot run: it would encode other ids; only a tokenizer without a hook exports")
     model = GPT(c)
     model.load_state_dict(checkpoint["model"])
     tok = load_tokenizer(checkpoint["tokenizer"])
@@ -202,8 +206,6 @@ def export(cfg):
         shutil.rmtree(cfg.to)
     hf.save_pretrained(cfg.to)  # config.json, generation_config.json, model.safetensors
     hf_tok, notes = hf_tokenizer(tok), []
-    if tok.spec.get("pretokenize"):
-        notes.append(f"the pretokenize hook {tok.spec['pretokenize']} is not part of the exported tokenizer")
     if tok.spec["kind"] == "char":
         notes.append("char tokenizer exported as a BPE with no merges, the same ids; characters outside its "
                      "vocabulary are dropped by it, refused by tokenizer.py")
