@@ -8,12 +8,17 @@
 # keeps best.pt at the best evaluation and stops once it stops improving.
 #   python prepare.py config/moe_150m_ko.py && python train.py config/moe_150m_ko.py
 
-# data (prepare.py): Korean Wikipedia from the Hugging Face Hub, a SentencePiece tokenizer trained on it
-dataset = "kowiki_sp32k"
+# data (prepare.py): Korean Wikipedia from the Hugging Face Hub, and SentencePiece 32k over MeCab's morphemes,
+# as the article built it (pip install mecab-ko, which brings its dictionary). What the hook changes: no piece
+# crosses a morpheme boundary inside a word (대통령|은, 보호|하|기), so the vocabulary holds stems and endings
+# rather than whole inflected words; each morpheme is encoded on its own, so decoding still gives the text as
+# written. It costs more tokens per byte, and kiwi_morphemes is the pure-wheel alternative (RESULTS.md, Korean).
+dataset = "kowiki_mecab_sp32k"
 source = "hf:wikimedia/wikipedia"
 hf_subset = "20231101.ko"
 tokenizer = "sp"
 sp_vocab_size = 32000
+pretokenize = "tokenizer:mecab_morphemes"
 
 # model
 out_dir = "out-moe-150m-ko"
