@@ -3,7 +3,6 @@ its README): morpheme hooks whose pieces join back to the text, prepare.py over 
 recipe's own settings, a tiny MoE that learns, SFT on questions about the articles with the prompt masked, a
 chat reply in the template, and the recipe's Hub source read from a local copy laid out like the Hub's."""
 
-import io
 import json
 import os
 import re
@@ -67,7 +66,7 @@ def articles(text):
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_both_analysers_cut_inside_words_and_decoding_gives_the_text_back(workdir, constitution, hook):
-    text = constitution[:4000]  # Kiwi is slow: about 20 KB/s here
+    text = constitution[:4000]  # Kiwi is slow: about 50 KB/s (RESULTS.md)
     pieces = load_hook(hook)(text)
     assert "".join(pieces) == text and len(pieces) > 1000
     assert "|".join(load_hook(hook)("대통령은 이번 행사를 통해")) == "대통령|은 이번 행사|를 통해"  # the article's
@@ -77,7 +76,7 @@ def test_both_analysers_cut_inside_words_and_decoding_gives_the_text_back(workdi
     meta, tok, ids = decoded_splits("data/ko")
     assert meta["tokenizer"]["pretokenize"] == hook
     assert tok.decode(ids["train"]) + tok.decode(ids["val"]) == text
-    for probe in (text[-700:], "대통령은 이번 행사를 통해 우리 지역의 소중한 생명을 보호하기 위해 모든 것을 다하겠다고 약속했다.\n"):
+    for probe in (constitution[-700:], "대통령은 이번 행사를 통해 우리 지역의 소중한 생명을 보호하기 위해 모든 것을 다하겠다고 약속했다.\n"):
         assert tok.decode(tok.encode(probe)) == probe  # unseen text too, through byte fallback
 
 
