@@ -211,6 +211,10 @@ def write_export(cfg, folder):
     checkpoint = load_checkpoint(os.path.join(cfg.out_dir, cfg.ckpt))
     c = GPTConfig(**checkpoint["model_config"])
     arch = architecture(c)
+    hook = checkpoint["tokenizer"].get("pretokenize")
+    if hook:  # a Hugging Face tokenizer runs no Python hook, such as a morpheme analyser
+        raise UserError(f"this model's tokenizer cuts text with the pretokenize hook {hook} before encoding, which "
+                        "transformers cannot run: it would encode other ids; only a tokenizer without a hook exports")
     model = GPT(c)
     model.load_state_dict(checkpoint["model"])
     tok = load_tokenizer(checkpoint["tokenizer"])
@@ -228,8 +232,6 @@ def write_export(cfg, folder):
                                             suppress_tokens=[i for i in range(tok.vocab_size, c.vocab_size) if i not in specials] or None)
     hf.save_pretrained(folder)  # config.json, generation_config.json, model.safetensors
     hf_tok, notes = hf_tokenizer(tok), []
-    if tok.spec.get("pretokenize"):
-        notes.append(f"the pretokenize hook {tok.spec['pretokenize']} is not part of the exported tokenizer")
     if tok.spec["kind"] == "char":
         notes.append("char tokenizer exported as a BPE with no merges, the same ids; characters outside its "
                      "vocabulary are dropped by it, refused by tokenizer.py")

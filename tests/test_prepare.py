@@ -226,7 +226,7 @@ def test_pretokenize_hook_is_recorded_in_the_spec(workdir, monkeypatch):
     meta = prepare.main(["--source=corpus.txt", "--dataset=d", "--pretokenize=spacer:split"])
     assert meta["tokenizer"]["pretokenize"] == "spacer:split"
     tokenizer = load_tokenizer(meta["tokenizer"])
-    assert tokenizer.decode(tokenizer.encode("a-day")) == "a - day"
+    assert tokenizer.decode(tokenizer.encode("a-day")) == "a - day"  # a hook returning one string transforms, one way
     assert meta["train_bytes"] + meta["val_bytes"] == 1100  # bytes of the text as given, for bits per byte
     with pytest.raises(UserError, match="pretokenize hook 'spacer:nothing' not found"):
         prepare.main(["--source=corpus.txt", "--dataset=e", "--pretokenize=spacer:nothing"])
