@@ -3,7 +3,6 @@ sample.py's text, the offline task scores the same through the adapter as throug
 the export.py folder of the same model, chat requests encode as tokenizer.py renders them, and each bad input
 is one line. CPU only, no network."""
 
-import dataclasses
 import io
 import json
 import os
@@ -20,15 +19,14 @@ from lm_eval.api.instance import Instance
 
 import eval
 import export
-import runtime
 import sample
 from configurator import UserError
-from model import GPT, GPTConfig
+from test_export import TINY, write_run as write_export_run
 from tokenizer import load_tokenizer, marker_ids, render_chat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = "\n !'(),-.:;?[]" + string.ascii_letters  # every character of the offline task's items
-BLOCK = 64  # shorter than many items of the offline task, so that contexts are cut on the left
+BLOCK = TINY["block_size"]  # 64: shorter than many items of the offline task, whose contexts are then cut on the left
 
 
 @pytest.fixture(autouse=True)
@@ -37,18 +35,10 @@ def quiet(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def write_run(out_dir, chars=CHARS, block_size=BLOCK, **extra):
-    """A run directory whose checkpoint holds random weights, scaled so that greedy choices are not near-ties."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=128, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.3)
-    os.makedirs(out_dir, exist_ok=True)
-    runtime.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), dict(
-        version=runtime.CHECKPOINT_VERSION, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
-        config={}, tokenizer={"kind": "char", "chars": chars}, state=dict(step=0), **extra))
+def write_run(out_dir, chars=CHARS, chat_template=None, **arch):
+    """A run directory whose checkpoint holds random weights (export's tests' own), block_size BLOCK by default."""
+    extra = dict(chat_template=chat_template) if chat_template else None
+    write_export_run(out_dir, {"kind": "char", "chars": chars}, extra, **arch)
     return str(out_dir)
 
 
@@ -163,12 +153,13 @@ def test_chat_requests_encode_as_render_chat_lays_them_out(tmp_path, template):
                 dict(role="user", content="And then?")]
     if "system" in template:
         messages.insert(0, dict(role="system", content="Be brief."))
-    ids = render_chat(harness.tokenizer, template, messages)[0]
-    assert harness.tok_encode(harness.apply_chat_template(messages)) == ids + marker_ids(harness.tokenizer, template["assistant"])
+    tokenizer = harness.tokenizer
+    ids = render_chat(tokenizer, template, messages)[0] + marker_ids(tokenizer, template["assistant"])
+    assert harness.tok_encode(harness.apply_chat_template(messages)) == ids
     # without the generation prompt, the last (assistant) message is continued, not closed
     opened = messages + [dict(role="assistant", content="Perhaps")]
-    assert harness.tok_encode(harness.apply_chat_template(opened, add_generation_prompt=False)) == \
-        render_chat(harness.tokenizer, template, opened)[0][:-len(marker_ids(harness.tokenizer, template["end_of_turn"]))]
+    ids = render_chat(tokenizer, template, opened)[0][:-len(marker_ids(tokenizer, template["end_of_turn"]))]
+    assert harness.tok_encode(harness.apply_chat_template(opened, add_generation_prompt=False)) == ids
     tasks = local_task(tmp_path / "tasks", [dict(context="Which?", choices=[" This.", " That."], answer=0)] * 3)
     results = eval.main([f"--out_dir={run}", "--chat", f"--include_path={tasks}", "--tasks=tiny_choice",
                          "--dtype=float32"], out=io.StringIO())
@@ -202,10 +193,11 @@ def test_a_hub_task_without_network_fails_in_one_line(tmp_path):
     (hub / "hub_choice.yaml").write_text("task: hub_choice\ndataset_path: Rowan/hellaswag\ntest_split: validation\n"
                                          "output_type: multiple_choice\ndoc_to_text: ctx\ndoc_to_choice: endings\n"
                                          "doc_to_target: label\n")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--out_dir={run}", f"--include_path={hub}",
-                             "--tasks=hub_choice", "--dtype=float32"], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    command = [sys.executable, os.path.join(ROOT, "eval.py"), f"--out_dir={run}", f"--include_path={hub}",
+               "--tasks=hub_choice", "--dtype=float32"]
+    offline = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=offline)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines() == ["error: a task's data set could not be fetched (Couldn't reach 'Rowan/hellaswag' "
-                                          "on the Hub (OfflineModeIsEnabled)): the Hub's tasks need the network; "
-                                          "--tasks=shakespeare_completion runs offline"]
+    assert result.stderr.splitlines() == [
+        "error: a task's data set could not be fetched (Couldn't reach 'Rowan/hellaswag' on the Hub "
+        "(OfflineModeIsEnabled)): the Hub's tasks need the network; --tasks=shakespeare_completion runs offline"]
