@@ -9,11 +9,15 @@ leaderboards), on a checkpoint of train.py or sft.py, or on an export.py folder,
 
 lm-eval turns each task's documents into requests, and Harness answers them with model.py: the log-likelihood
 of continuations, scored in batches; of whole texts, in windows of block_size (perplexity tasks); and
-generations with the KV cache up to the task's stop sequences. lm-eval computes the metrics and prints its
-table, and the results go to out_dir/eval_<tasks>.json.
+generations with the KV cache up to the task's stop sequences. lm-eval computes the metrics and the table
+printed here, and the results go to out_dir/eval_<tasks>.json.
 
 The default task, shakespeare_completion (eval_tasks/), needs no network: given a line and a half of one of the
 plays that prepare.py's default split holds out, which of four endings truly completes it? Chance is 25%.
+lm-eval's own CLI runs it too, on an export.py folder (from this folder, where it finds eval.py):
+
+    python -m lm_eval run --model hf --model_args pretrained=hf/my-model,add_bos_token=True \
+        --include_path eval_tasks --tasks shakespeare_completion
 """
 
 import contextlib
@@ -53,7 +57,8 @@ class EvalConfig:
     num_fewshot: int = -1            # examples before each question; -1 = each task's own default
     batch_size: int = 32             # requests per forward pass
     chat: bool = False               # render requests in the checkpoint's chat template (from sft.py)
-    bos: bool = True                 # start each request with end-of-text, as training documents start
+    bos: bool = True                 # start each request with end-of-text, as training documents start; False
+                                     # as lm-eval scores GPT-2, for numbers comparable with its published ones
     seed: int = 1234                 # lm-eval's default seed: few-shot examples and sampled generations
     device: str = "auto"             # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"              # "auto": bfloat16 on GPUs; on a CPU the faster of float32 and bfloat16, measured
@@ -272,7 +277,7 @@ def task_manager(tasks, include_path):
         hints = "; ".join(f"{t!r}: did you mean "
                           f"{', '.join(difflib.get_close_matches(t, manager.all_tasks, n=3)) or 'nothing close'}?"
                           for t in unknown)
-        raise UserError(f"unknown task {hints} (`lm_eval ls tasks` lists them all)")
+        raise UserError(f"unknown task {hints} (`lm-eval ls tasks` lists them all)")
     return manager
 
 
@@ -338,7 +343,7 @@ def report(results, tasks, cfg, seconds, out):
     items = sum(n["effective"] for n in results["n-samples"].values())
     results["config"].update(model=os.path.join(cfg.out_dir, cfg.ckpt), eval_config=dataclasses.asdict(cfg))
     path = os.path.join(cfg.out_dir, f"eval_{'+'.join(tasks)}{'_chat' if cfg.chat else ''}.json")
-    write_atomically(path, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    write_atomically(path, json.dumps(results, indent=2, default=handle_non_serializable))
     out.write(make_table(results) + "\n")
     if results.get("groups"):
         out.write(make_table(results, "groups") + "\n")
