@@ -323,9 +323,9 @@ def main(argv, out=sys.stdout):
     if cfg.include_path and not os.path.isdir(cfg.include_path):
         raise UserError(f"--include_path={cfg.include_path} is not a folder; give a folder of lm-eval YAML tasks")
     manager = task_manager(tasks, cfg.include_path)
-    # scoring is batched matrix products, as in training: on a CPU, the measured choice for training; and
-    # weights stored in that dtype rather than autocast, as lm-eval's hf backend does with its dtype
-    dtype = pick_dtype(cfg.dtype, pick_device(cfg.device))
+    # scoring is batched matrix products with the weights stored in one dtype (no autocast, as lm-eval's hf backend
+    # does with its dtype): on a CPU, the faster for such products as measured
+    dtype = pick_dtype(cfg.dtype, pick_device(cfg.device), use="product")
     model, tokenizer, checkpoint = load(dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch.")))
     if not os.access(cfg.out_dir, os.W_OK):
         raise UserError(f"{cfg.out_dir} is not writable, so the results could not be saved there")

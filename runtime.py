@@ -165,7 +165,8 @@ def measure_product(use):
 def cpu_dtype(use, step=None, shape=""):
     """"float32" or "bfloat16", whichever this CPU runs faster, from the cache (measured on first use), printed once
     per process. use "train" times step(dtype), one forward and backward of the model to train at its micro-batch
-    (`shape` names it), unless bf16 products are not even faster alone; "decode" and "product" time PROBE_SHAPES."""
+    (`shape` names it), unless bf16 products are not even faster alone; "decode" and "product" (and "train"
+    without a step) time PROBE_SHAPES."""
     key = f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     entry = f"{use} {shape}".strip()
     path = probe_cache_path()
@@ -178,7 +179,7 @@ def cpu_dtype(use, step=None, shape=""):
     if times is None:
         with torch.random.fork_rng(devices=[]):  # a probed run and a cached one draw the same random numbers
             times = measure_product("product" if use == "train" else use)
-            if use == "train" and times["bfloat16"] < times["float32"]:
+            if use == "train" and step and times["bfloat16"] < times["float32"]:
                 times = time_both(step, repeats=2, warmups=1)
         cache.setdefault(key, {})[entry] = times
         try:

@@ -22,7 +22,7 @@ import export
 import sample
 from configurator import UserError
 from test_export import TINY, write_run as write_export_run
-from tokenizer import load_tokenizer, marker_ids, render_chat
+from tokenizer import marker_ids, render_chat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = "\n !'(),-.:;?[]" + string.ascii_letters  # every character of the offline task's items
@@ -30,8 +30,7 @@ BLOCK = TINY["block_size"]  # 64: shorter than many items of the offline task, w
 
 
 @pytest.fixture(autouse=True)
-def quiet(monkeypatch):
-    torch.set_num_threads(1)  # tiny matmuls: threads only wait on each other
+def quiet(monkeypatch, one_thread):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

@@ -37,8 +37,7 @@ ARCHS = {  # every field that maps is set away from its default somewhere
 
 
 @pytest.fixture(autouse=True)
-def quiet(monkeypatch):
-    torch.set_num_threads(1)  # tiny matmuls: threads only wait on each other
+def quiet(monkeypatch, one_thread):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

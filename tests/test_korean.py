@@ -42,9 +42,8 @@ def constitution():
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
     return tmp_path
 
 

@@ -26,14 +26,7 @@ SPEC = {"kind": "char", "chars": CHARS}
 TEMPLATE = {"user": "<u>", "assistant": "<a>", "end_of_turn": "<e>", "system": "<s>"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Decoding a tiny model is a stream of tiny operations: two threads that wait on each other at every
-    one of them are several times slower than one on a shared CPU (see sample.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(preset="classic", block_size=64):

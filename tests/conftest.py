@@ -1,0 +1,13 @@
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are streams of tiny operations: two threads that wait on each other at every one of them are
+    several times slower than one on a shared CPU (see sample.py). Restored after the test, since training
+    tests compare in-process runs bit for bit with runs in subprocesses, which use every core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
