@@ -179,7 +179,7 @@ def bench_generation(cfg, tcfg, scfg, overrides, device):
     # a char tokenizer over the whole vocabulary, so that every id decodes as sample.py decodes its text
     tokenizer = CharTokenizer({"kind": "char", "chars": "".join(chr(32 + i) for i in range(model_cfg.vocab_size - 1))})
     block, n, default_threads = model_cfg.block_size, cfg.new_tokens, torch.get_num_threads()
-    settings = lambda: sample.decoding(device, scfg.threads)  # noqa: E731
+    settings = lambda: sample.decoding(tuned, scfg.threads)  # noqa: E731
     with settings():
         threads = torch.get_num_threads()
 

@@ -233,7 +233,7 @@ class Harness(TemplateLM):
         from lm_eval.models.utils import normalize_gen_kwargs
         from tqdm import tqdm
         answers = []
-        with decoding(self._device):
+        with decoding(self.model):
             for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="generating"):
                 answers.append(self.generate(context, normalize_gen_kwargs(gen_kwargs, DEFAULT_MAX_GEN_TOKS)))
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answers[-1])

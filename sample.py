@@ -11,8 +11,11 @@ definition of that layout, which sft.py trains on), and each reply ends at the t
 
 import contextlib
 import dataclasses
+import functools
+import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import configurator  # before torch: it sets OpenMP's wait policy
@@ -40,7 +43,7 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"             # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"              # "auto": bfloat16 on GPUs; on a CPU the faster of float32 and bfloat16, measured
-    threads: int = 0                 # CPU threads while decoding; 0 = auto: 1 (see decoding)
+    threads: int = 0                 # CPU threads while decoding; 0 = auto: 1 or all, measured (see decoding)
 
 
 # ----------------------------------------------------------------------------- chat
@@ -147,8 +150,8 @@ class Chat:
 
 # ----------------------------------------------------------------------------- loading and the two modes
 # Decoding at batch 1 on a CPU is a stream of small matrix-vector products that read every weight once per
-# token, so it is bound by memory, not arithmetic. The settings below (bf16 weights where measured faster, one thread, math
-# attention) make it faster at the same validation loss, though greedy text can part ways at near-ties;
+# token, so it is bound by memory, not arithmetic. The settings below (bf16 weights where measured faster, one thread, the
+# attention kernel that suits the dtype) make it faster at the same validation loss, though greedy text can part ways at near-ties;
 # RESULTS.md has the figures (bench.py --only=generation).
 
 
@@ -159,22 +162,54 @@ def decoding_dtype(name, device):
 
 
 @contextlib.contextmanager
-def decoding(device, threads=0):
-    """The settings that tokens are generated under, on a CPU: `threads` intra-op threads, by default 1,
-    since waking a second thread for each of the ~100 small operations per token costs more than it
-    saves; and attention by the plain math kernel, as the flash kernel is slow in bf16 for a single query
-    over many cached keys. Both are undone on exit. A long prompt's prefill runs under them too (tried on
-    few cores only: with many cores and a large model, try --threads)."""
-    if device.type != "cpu":
+def decoding(model, threads=0):
+    """The settings that `model` generates tokens under, on a CPU: `threads` intra-op threads, by default the
+    count decoding_threads measured faster; and, for bf16 weights, attention by the plain math kernel, as the flash kernel is slow in
+    bf16 for a single query over many cached keys (in fp32 it is the faster). Both are undone on exit. A long
+    prompt's prefill runs under them too."""
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu":
         yield
         return
     saved = torch.get_num_threads()
-    torch.set_num_threads(threads or 1)
+    torch.set_num_threads(threads or decoding_threads(model))
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH) if weight.dtype == torch.bfloat16 else contextlib.nullcontext():
             yield
     finally:
         torch.set_num_threads(saved)
+
+
+@functools.lru_cache(maxsize=4)
+def decoding_threads(model):
+    """1 or all of torch's threads, whichever decodes `model` faster now, timed on a scratch cache (4 tokens at a time,
+    alternated, about 30 tokens in all). On an idle 2-core CPU two threads read the weights faster; beside other work,
+    one is faster, as two wait on each other at each of the ~100 small operations per token (RESULTS.md). Measured
+    afresh in each process, not cached on disk, since the machine's load changes; printed."""
+    most = torch.get_num_threads()
+    if most == 1:
+        return 1
+    cache = model.new_kv_cache(1)
+    token = torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device)
+    best = {1: math.inf, most: math.inf}
+    try:
+        with torch.no_grad():
+            model(token.expand(1, 16), kv_cache=cache)
+            for attempt in range(4):  # the first untimed: each thread count's first calls set up its kernels
+                for threads in best:
+                    torch.set_num_threads(threads)
+                    start = time.perf_counter()
+                    for _ in range(4):
+                        model(token, kv_cache=cache)
+                    if attempt:
+                        best[threads] = min(best[threads], time.perf_counter() - start)
+                    cache.pos -= 4
+    finally:
+        torch.set_num_threads(most)
+    choice = min(best, key=best.get)
+    print(f"decoding on {choice} thread(s): {1e3 * best[1] / 4:.2f} ms per token on 1, {1e3 * best[most] / 4:.2f} ms "
+          f"on {most}", file=sys.stderr)
+    return choice
 
 
 def load(cfg):
@@ -292,7 +327,7 @@ def main(argv, out=sys.stdout):
     if cfg.threads < 0:
         raise UserError("threads must be at least 1, or 0 for the default")
     model, tokenizer, checkpoint = load(cfg)
-    with decoding(model.lm_head.weight.device, cfg.threads):
+    with decoding(model, cfg.threads):
         if cfg.chat:
             chat(model, tokenizer, checkpoint, cfg, out)
         else:

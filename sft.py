@@ -416,7 +416,7 @@ def demo_exam(checkpoint_path, conversations, questions=100):
     out_dir, ckpt = os.path.split(checkpoint_path)
     model, tokenizer, checkpoint = load(SampleConfig(out_dir=out_dir, ckpt=ckpt))
     right, skipped = {}, 0
-    with decoding(model.lm_head.weight.device):
+    with decoding(model):
         # "Give me a line of X" has many right answers: it teaches style, and is not examined
         for messages in [c for c in conversations if len(c) == 2 and not c[0]["content"].startswith("Give")][:questions]:
             question, answer = messages[0]["content"], messages[1]["content"]
