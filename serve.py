@@ -87,6 +87,11 @@ class Message(BaseModel):
     content: Annotated[str, BeforeValidator(joined_text)]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+    include_usage: bool = False  # a last chunk with the usage
+
+
 class Sampling(BaseModel):
     """What both endpoints take, by OpenAI's names and defaults. Other fields (model, user, ...) are ignored."""
     model_config = ConfigDict(strict=True)
@@ -99,7 +104,7 @@ class Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**64)
     n: Literal[1] = 1
     stream: bool = False
-    stream_options: dict | None = None                     # {"include_usage": true} adds a last chunk with usage
+    stream_options: StreamOptions = StreamOptions()
 
 
 class ChatRequest(Sampling):
@@ -334,7 +339,7 @@ class Server:
         cache = self.caches.take(ids)
         try:
             new = resume(cache, ids)
-            reply.cached_tokens, stream = cache.pos, TextStream(self.tokenizer)
+            reply.cached_tokens, decoded = cache.pos, TextStream(self.tokenizer)
             steps = self.model.generate(new, min(max_tokens, block - len(ids)), request.temperature, 0, request.top_p,
                                         self.generator(request), kv_cache=cache, vocab_size=self.tokenizer.vocab_size)
             with contextlib.closing(steps):
@@ -343,8 +348,8 @@ class Server:
                     if token.item() == eot:
                         reply.finish_reason = "stop"
                         break
-                    yield stream.push(token.item())
-            yield stream.flush()
+                    yield decoded.push(token.item())
+            yield decoded.flush()
         finally:
             self.caches.keep(cache)
 
@@ -359,8 +364,9 @@ def choice(chat, streamed, text, finish_reason):
     """One choice of a reply or of a chunk, in the shape of OpenAI's chat or text completions."""
     if not chat:
         return dict(index=0, text=text, logprobs=None, finish_reason=finish_reason)
-    content = dict(delta=dict(content=text) if text else {}) if streamed else dict(message=dict(role="assistant", content=text))
-    return dict(index=0, **content, logprobs=None, finish_reason=finish_reason)
+    if streamed:
+        return dict(index=0, delta=dict(content=text) if text else {}, logprobs=None, finish_reason=finish_reason)
+    return dict(index=0, message=dict(role="assistant", content=text), logprobs=None, finish_reason=finish_reason)
 
 
 async def cancel_when_gone(request, job):
@@ -386,8 +392,8 @@ async def answer(server, request, schema, chat):
     try:
         first = await job.next()
         if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream(job, first, chat, dict(head, object=head["object"] + ".chunk" * chat), usage),
+            chunk_head = dict(head, object=head["object"] + ".chunk" * chat)
+            return StreamingResponse(stream(job, first, chat, chunk_head, body.stream_options.include_usage),
                                      media_type="text/event-stream")
         pieces = [first]
         while not isinstance(pieces[-1], Reply):
@@ -476,6 +482,7 @@ def listen(host, port):
         sock = socket.socket(family, kind)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen()  # from here on a client waits in the backlog until uvicorn accepts it
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port or --host") from e
     return sock
@@ -494,7 +501,8 @@ def main(argv):
     if not cfg.api_key and not host.startswith("127.") and host != "::1":
         print(f"warning: listening on {host} without --api_key: anyone who reaches this machine can use the model",
               file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(make_app(server), log_level="warning", timeout_graceful_shutdown=3)).run(sockets=[sock])
+    config = uvicorn.Config(make_app(server), log_level="warning", timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

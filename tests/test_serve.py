@@ -4,6 +4,7 @@ budget; a client that disconnects stops its reply; bad requests get 4xx in OpenA
 
 import contextlib
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import urllib.request
 
 import openai
 import pytest
+import torch
 import uvicorn
 
 import sample
@@ -273,7 +275,6 @@ def test_settings_that_cannot_work_are_one_line_before_serving(tmp_path):
     with pytest.raises(UserError, match="cannot hold one conversation, which takes 0.0 MB"):
         serve.main([f"--out_dir={run}", "--port=0", "--cache_mb=0.00001", "--dtype=float32"])
     taken = serve.listen("127.0.0.1", 0)
-    taken.listen()
     with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"):
         serve.main([f"--out_dir={run}", f"--port={taken.getsockname()[1]}"])
     with pytest.raises(UserError, match="--max_new_tokens must be at least 1"):
@@ -292,3 +293,38 @@ def test_the_script_serves_until_ctrl_c(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 130
+
+
+def test_the_page_streams_a_reply_in_a_real_browser_and_stops_it(chat_server, monkeypatch):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("the browser test needs Debian's chromium and chromium-driver")
+    from selenium.webdriver.common.by import By
+    url, server = chat_server
+    forward = server.model.forward  # slowed, so that the reply visibly grows token by token
+    monkeypatch.setattr(server.model, "forward", lambda *a, **k: time.sleep(0.02) or forward(*a, **k))
+    calls = count_forward_tokens(monkeypatch, server.model)
+    torch.manual_seed(0)  # the page samples at temperature 1 from the global generator: this reply, every time
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--proxy-server=direct://"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
+    try:
+        browser.get(url)
+        box = browser.find_element(By.ID, "input")
+        box.send_keys("hello there\n")
+        seen = set()
+        deadline = time.monotonic() + 20
+        while len(seen) < 5 and time.monotonic() < deadline:
+            seen.add(browser.find_element(By.CSS_SELECTOR, ".assistant").text)
+        assert len(seen - {""}) >= 4  # the reply appeared piece by piece
+        assert browser.find_element(By.ID, "send").text == "Stop"  # and is still being written
+        browser.find_element(By.ID, "send").click()  # now a Stop button: the fetch is aborted, the server stops
+        time.sleep(1.0)
+        stopped_at = len(calls)
+        time.sleep(0.5)
+        assert len(calls) == stopped_at and browser.find_element(By.ID, "send").text == "Send"
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#log div")][0] == "hello there"
+    finally:
+        browser.quit()
