@@ -297,7 +297,7 @@ class Server:
         chat.turns = [self.exchange_ids(chat, *exchange) for exchange in exchanges]
         max_tokens = self.max_tokens(request)
         turn = chat.fit(message, max_tokens)
-        context = chat.context(turn)  # the context that the cache is picked for
+        context = chat.context(turn)  # the context that the cache is picked for; respond fits again, a no-op by then
         reply.prompt_tokens = len(context)
         chat.cache = self.caches.take(context)
         steps = chat.respond(message, max_tokens, request.temperature, 0, request.top_p, self.generator(request))
@@ -456,7 +456,8 @@ def make_app(server):
     @app.get("/health")
     async def health():
         pool = server.caches
-        return dict(status="ok", model=server.name, chat=bool(server.template), queued=server.jobs.qsize(),
+        return dict(status="ok" if server.thread.is_alive() else "the model's thread has stopped", model=server.name,
+                    chat=bool(server.template), queued=server.jobs.qsize(),
                     cached_conversations=len(pool.caches), cache_mb=len(pool.caches) * pool.cache_bytes / 2**20,
                     cache_budget_mb=server.cfg.cache_mb)
 
@@ -496,7 +497,8 @@ def main(argv):
     sock = listen(cfg.host, cfg.port)
     server = Server(*load(cfg), cfg)
     host, port = sock.getsockname()[:2]
-    print(f"serving {server.name} at http://{host}:{port}/ (the chat page; the API is under /v1); Ctrl-C stops",
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    print(f"serving {server.name} at http://{address}/ (the chat page; the API is under /v1); Ctrl-C stops",
           file=sys.stderr)
     if not cfg.api_key and not host.startswith("127.") and host != "::1":
         print(f"warning: listening on {host} without --api_key: anyone who reaches this machine can use the model",

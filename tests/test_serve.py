@@ -23,7 +23,7 @@ import sample
 import serve
 from configurator import UserError
 from test_sample import ROOT, TEMPLATE, count_forward_tokens, tiny_model, write_run
-from tokenizer import load_tokenizer, render_chat
+from tokenizer import render_chat
 
 WORDS = "the king and queen speak to their lords of war".split()
 
@@ -68,7 +68,7 @@ def sample_chat(server, messages, max_tokens):
 def ask(openai_client, history, message, stream=False, **kwargs):
     """Send the conversation and `message`; the reply's text and its usage (from the last chunk when streamed)."""
     messages = history + [dict(role="user", content=message)]
-    settings = dict(model="run", messages=messages, temperature=0, **kwargs)
+    settings = dict(model="run", messages=messages, **{"temperature": 0, **kwargs})
     if not stream:
         response = openai_client.chat.completions.create(**settings)
         return response.choices[0].message.content, response.usage, response.choices[0].finish_reason
@@ -107,11 +107,30 @@ def test_completions_equal_sample_py_greedy_text(chat_server, tmp_path):
     assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected
 
 
+def test_a_seed_gives_the_same_sampled_reply(chat_server):
+    url, _ = chat_server
+    replies = [ask(client(url), [], "hello", temperature=1.0, seed=seed, max_tokens=30)[0] for seed in (1, 1, 2)]
+    assert replies[0] == replies[1] != replies[2]
+
+
+def test_an_exported_hugging_face_folder_is_served_as_sample_py_reads_it(tmp_path):
+    pytest.importorskip("transformers")
+    import export
+    write_run(tmp_path / "run")
+    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    out = tmp_path / "sample.txt"
+    with open(out, "w") as f:
+        sample.main([f"--out_dir={tmp_path / 'hf'}", "--prompt=the king", "--temperature=0", "--max_new_tokens=20",
+                     "--dtype=float32"], out=f)
+    with running(tmp_path / "hf") as (url, _):
+        response = client(url).completions.create(model="hf", prompt="the king", max_tokens=20, temperature=0)
+    assert "the king" + response.choices[0].text == out.read_text().split("\n" + "-" * 40)[0]
+
+
 def test_each_later_turn_prefills_only_its_new_tokens(chat_server, monkeypatch):
     url, server = chat_server
     calls = count_forward_tokens(monkeypatch, server.model)
-    tokenizer, history, end = server.tokenizer, [], len(tokenizer_ids(server, "<e>"))
-    finish = None
+    encode, history, finish = server.tokenizer.encode, [], None
     for turn in range(10):
         message = " ".join(WORDS[turn:turn + 3])
         first_call = len(calls)
@@ -120,19 +139,14 @@ def test_each_later_turn_prefills_only_its_new_tokens(chat_server, monkeypatch):
         assert calls[first_call][0] == prefilled  # what usage reports is what the model ran
         assert all(n == 1 for n, _ in calls[first_call + 1:])  # then one token per forward
         history += [dict(role="user", content=message), dict(role="assistant", content=text)]
-        rendered = render_chat(tokenizer, TEMPLATE, history)[0]
-        assert usage.prompt_tokens == len(rendered) - len(tokenizer_ids(server, text + "<e>"))
+        rendered = render_chat(server.tokenizer, TEMPLATE, history)[0]
+        assert usage.prompt_tokens == len(rendered) - len(encode(text + "<e>"))  # all but the reply itself
         if turn:
             # the new message and its assistant marker, plus what the cache lacks of the last reply: its last token
             # when it ended at end_of_turn (sampled, never fed), or the end_of_turn appended when it ran out of tokens
-            new = len(tokenizer_ids(server, f"<u>{message}<e><a>"))
-            assert prefilled == new + (1 if finish == "stop" else end)
+            assert prefilled == len(encode(f"<u>{message}<e><a>")) + (1 if finish == "stop" else len(encode("<e>")))
         finish = new_finish
     assert server.caches.caches  # the conversation's cache is kept
-
-
-def tokenizer_ids(server, text):
-    return server.tokenizer.encode(text)
 
 
 def test_a_long_conversation_drops_its_oldest_exchanges_as_sample_py_does(tmp_path, capfd):
