@@ -4,6 +4,7 @@
     python bench.py config/gpt_51m.py --only=training     # a recipe's model, batch, optimizer and dtype
     python bench.py --only=generation --json=bench.json   # also write the results as JSON
     python bench.py --only=speedrun                       # the CPU speedrun against its baseline, whole commands
+    python bench.py --only=serving                        # serve.py's first token with and without kept caches
 
 Config files and --key=value set any key of train.py (model shape, batch_size, optimizer, dtype, compile,
 peak_tflops), of sample.py (dtype, threads, temperature, top_k) and the BenchConfig keys below.
@@ -44,14 +45,22 @@ first reached it (train.py's own clock, which starts after start-up and data loa
 compilation). speedrun_limit stops a command after that many seconds and reports how far it got. Issue #8's
 CPU speedrun is the default pair; the GPU one is --speedrun=config/shakespeare_char.py,config/speedrun_gpu.py
 --speedrun_target=1.47.
+
+serving (only with --only=serving): time to first token of each message of a conversation that fills most of
+the context (serve_turns messages, each twice as long as its reply), streamed from `python serve.py` on the
+generation benchmark's model saved as a chat run, against the same server with --cache_mb=0, which keeps no
+cache, so that every message prefills the whole conversation; one request to each in turn, greedy, over HTTP
+on localhost. The time runs from sending the request to the first chunk of the reply.
 """
 
 import contextlib
 import copy
 import dataclasses
+import http.client
 import io
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -67,7 +76,7 @@ import sample
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS, sample_token
 from sample import SampleConfig
-from tokenizer import CharTokenizer, load_tokenizer
+from tokenizer import CharTokenizer, chat_template, load_tokenizer
 from runtime import CHECKPOINT_VERSION, compile_wanted, mfu, peak_flops, pick_device, precision
 from train import MODEL_KEYS, TrainConfig, build_model_config, make_optimizers, precision_probe
 
@@ -87,6 +96,7 @@ class BenchConfig:
                                                                      # a config file and optional --key=value overrides
     speedrun_target: float = 0.0    # speedrun: also report when each run's validation loss first reached this
     speedrun_limit: float = 0.0     # speedrun: stop a command after this many seconds; 0 = no limit
+    serve_turns: int = 10           # serving: messages in the conversation
 
 
 GENERATION_MODEL = dict(PRESETS["classic"], bias=False, n_layer=6, n_head=6, n_embd=384, block_size=1024, vocab_size=65)
@@ -337,9 +347,86 @@ def bench_speedrun(cfg, tcfg, scfg, overrides, device):
     return dict(runs=runs)
 
 
+def bench_serving(cfg, tcfg, scfg, overrides, device):
+    if overrides.keys() & MODEL_KEYS:
+        model_cfg = build_model_config(tcfg, overrides, prepare.dataset_vocab(tcfg.dataset, gpt2_fallback=True)[0])
+    else:
+        model_cfg = GPTConfig(**dict(GENERATION_MODEL, vocab_size=GENERATION_MODEL["vocab_size"] + 4))
+    torch.manual_seed(tcfg.seed)
+    model = GPT(model_cfg)
+    # a char tokenizer that leaves four rows of the embedding to the chat template's special tokens
+    tokenizer = CharTokenizer({"kind": "char", "chars": "".join(chr(32 + i) for i in range(model_cfg.vocab_size - 5))})
+    reply_tokens = max(int(0.8 * model_cfg.block_size / cfg.serve_turns) // 3, 1)  # an exchange: 3x its reply, + markers
+    rng = random.Random(tcfg.seed)
+    messages = ["".join(rng.choices(tokenizer.chars, k=2 * reply_tokens)) for _ in range(cfg.serve_turns)]
+    print(f"serving: {cfg.serve_turns} messages of {2 * reply_tokens} tokens, replies of up to {reply_tokens}, "
+          f"{model_cfg.n_layer} layers x {model_cfg.n_embd}, context {model_cfg.block_size}, {device.type}")
+    print(f"  {'context':>8}{'prefilled':>11}{'first token, kept cache':>26}{'no cache':>11}{'speed-up':>10}")
+    rows, histories = [], ([], [])
+    with tempfile.TemporaryDirectory() as run_dir:
+        torch.save(dict(version=CHECKPOINT_VERSION, model=model.state_dict(), model_config=dataclasses.asdict(model_cfg),
+                        config={}, tokenizer=tokenizer.spec, state=dict(step=0),
+                        chat_template=chat_template(tokenizer, model_cfg.vocab_size)), os.path.join(run_dir, "ckpt.pt"))
+        servers = [start_serve(run_dir, cache_mb, scfg) for cache_mb in (1024, 0)]  # both start at once
+        try:
+            ports = [port_of(process) for process in servers]
+            for message in messages:
+                answers = [first_token(port, history + [dict(role="user", content=message)], reply_tokens)
+                           for port, history in zip(ports, histories)]
+                for history, (_, text, _) in zip(histories, answers):
+                    history += [dict(role="user", content=message), dict(role="assistant", content=text)]
+                (kept, _, usage), (none, _, _) = answers
+                rows.append(dict(context_tokens=usage["prompt_tokens"], kept_cache_seconds=kept, no_cache_seconds=none,
+                                 prefilled=usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]))
+                print(f"  {rows[-1]['context_tokens']:>8}{rows[-1]['prefilled']:>11}{1e3 * kept:>23.1f} ms"
+                      f"{1e3 * none:>8.1f} ms{none / kept:>9.1f}x")
+        finally:
+            for process in servers:
+                process.terminate()
+                process.wait()
+    return dict(model=dataclasses.asdict(model_cfg), device=device.type, turns=rows,
+                speedup_last_turn=rows[-1]["no_cache_seconds"] / rows[-1]["kept_cache_seconds"])
+
+
+def start_serve(run_dir, cache_mb, scfg):
+    command = [sys.executable, os.path.join(configurator.ROOT, "serve.py"), f"--out_dir={run_dir}", "--port=0",
+               f"--cache_mb={cache_mb}", f"--dtype={scfg.dtype}", f"--threads={scfg.threads}"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def port_of(process):
+    """The port that a `python serve.py --port=0` listens on, once it says so."""
+    lines = []
+    for line in process.stderr:  # "serving <name> at http://127.0.0.1:<port>/ ..."
+        if line.startswith("serving "):
+            return int(line.split("http://")[1].split("/")[0].rsplit(":", 1)[1])
+        lines.append(line)
+    raise UserError(f"python serve.py failed: {(lines or ['?'])[-1].strip()}")
+
+
+def first_token(port, messages, max_tokens):
+    """Seconds from sending a streamed chat request to its first chunk, the reply's text, and its usage."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = dict(messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                stream_options=dict(include_usage=True))
+    start, first, text, usage = time.perf_counter(), None, "", None
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    for line in connection.getresponse():
+        if line.startswith(b"data: {"):
+            first = first or time.perf_counter() - start
+            chunk = json.loads(line[6:])
+            text += "".join(choice["delta"].get("content") or "" for choice in chunk.get("choices", []))
+            usage = chunk.get("usage") or usage
+    connection.close()
+    if usage is None:
+        raise UserError(f"serve.py did not answer the chat request on port {port}")
+    return first, text, usage
+
+
 BENCHMARKS = {"training": bench_training, "generation": bench_generation, "prepare": bench_prepare,
-              "speedrun": bench_speedrun}
-DEFAULT_BENCHMARKS = ["training", "generation", "prepare"]  # the speedrun needs its data prepared: --only=speedrun
+              "speedrun": bench_speedrun, "serving": bench_serving}
+# the speedrun needs its data prepared (--only=speedrun); serving starts servers (--only=serving)
+DEFAULT_BENCHMARKS = ["training", "generation", "prepare"]
 
 
 def main(argv):
@@ -350,7 +437,7 @@ def main(argv):
     if unknown:
         raise UserError(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     configurator.check_at_least(cfg, repeats=1, new_tokens=1, timed_steps=1, warmup_steps=0, profile_steps=0,
-                                speedrun_target=0, speedrun_limit=0)
+                                speedrun_target=0, speedrun_limit=0, serve_turns=1)
     if not cfg.prepare_mb > 0:
         raise UserError(f"--prepare_mb must be more than 0, got {cfg.prepare_mb}")
     for name in filter(None, cfg.prepare_tokenizers.split(",") if "prepare" in names else []):

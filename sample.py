@@ -50,14 +50,19 @@ class SampleConfig:
 
 def printable(tokenizer, ids, stop_text=None):
     """The text of `ids` that is safe to print so far, and whether it reached `stop_text` (cut before it).
-    A trailing U+FFFD is a character whose bytes are not all generated yet, and a tail that could be the
-    start of stop_text may turn out to be the marker: both wait for the next token."""
+    A trailing U+FFFD is a character whose bytes are not all generated yet: it waits for the next token."""
     text = tokenizer.decode([i for i in ids if i < tokenizer.vocab_size]).rstrip("\ufffd")
-    if not stop_text:
-        return text, False
-    if stop_text in text:
-        return text[:text.index(stop_text)], True
-    held = next((n for n in range(min(len(stop_text) - 1, len(text)), 0, -1) if stop_text.startswith(text[-n:])), 0)
+    return cut_at(text, [stop_text]) if stop_text else (text, False)
+
+
+def cut_at(text, stops):
+    """`text` up to the first of `stops` in it, and whether one was there; with none there, less a tail that could
+    be the start of one, which waits for more text (serve.py cuts replies at a request's stop strings with it)."""
+    found = [text.index(stop) for stop in stops if stop in text]
+    if found:
+        return text[:min(found)], True
+    held = max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1) if stop.startswith(text[-n:])),
+               default=0)
     return text[:len(text) - held], False
 
 
@@ -85,15 +90,29 @@ class TextStream:
         return text[len(context):]
 
 
+def shared_length(cache, ids):
+    """How many of `ids`, from the first, the cache holds already."""
+    cached = cache.tokens[0, :cache.pos].tolist()
+    return next((i for i, (a, b) in enumerate(zip(cached, ids)) if a != b), min(len(cached), len(ids)))
+
+
+def resume(cache, context):
+    """Cut the cache back to the part of it that `context` starts with, keeping at least one new token, whose
+    logits start the reply, and return the ids still to prefill, (1, T). Positions are absolute, so a stale
+    tail cannot be kept."""
+    cache.pos = min(shared_length(cache, context), len(context) - 1)
+    return torch.tensor([context[cache.pos:]], device=cache.k.device)
+
+
 class Chat:
     """A conversation whose KV cache outlives each turn, so a new message costs only its own tokens."""
 
-    def __init__(self, model, tokenizer, template, system=""):
+    def __init__(self, model, tokenizer, template, system="", cache=None):
         missing = {"user", "assistant", "end_of_turn"} - template.keys()
         if missing:
             raise UserError(f"the checkpoint's chat template lacks {', '.join(sorted(missing))}; redo sft.py")
         if system and "system" not in template:
-            raise UserError("this checkpoint's chat template has no system marker; drop --system")
+            raise UserError("this checkpoint's chat template has no system marker; drop the system message (--system)")
         self.model, self.tokenizer = model, tokenizer
         self.template, self.end = template, marker_ids(tokenizer, template["end_of_turn"])
         self.end_text = template["end_of_turn"] if isinstance(template["end_of_turn"], str) else None
@@ -101,9 +120,9 @@ class Chat:
         # an empty message must fit after the system message, or every message would be blamed for its length
         if len(self.prefix) + len(self.user_turn("")) >= model.config.block_size:
             raise UserError(f"the system message takes {len(self.prefix) - 1} tokens and the context holds "
-                            f"{model.config.block_size}, leaving no room for a message: shorten --system")
+                            f"{model.config.block_size}, leaving no room for a message: shorten it (--system)")
         self.turns = []  # ids of each finished exchange: user message, assistant marker, reply, end_of_turn
-        self.cache = model.new_kv_cache(1)
+        self.cache = cache  # made at the first reply, unless given (serve.py keeps caches between requests)
         self.vocab_size = sampleable_vocab_size(tokenizer, template)
 
     def user_turn(self, message):
@@ -111,31 +130,40 @@ class Chat:
         turn = render_chat(self.tokenizer, self.template, [dict(role="user", content=message)])[0][1:]
         return turn + marker_ids(self.tokenizer, self.template["assistant"])
 
-    def respond(self, message, max_new_tokens, temperature=0.8, top_k=0, top_p=1.0, generator=None):
-        """Yield the reply's text as it is generated; the exchange joins the conversation once it ends."""
+    def fit(self, message, max_new_tokens):
+        """The ids of `message`'s turn, once the oldest whole exchanges are dropped until it and its reply fit the
+        context (a half-exchange would confuse the model). Once fitted, fitting again drops nothing."""
         block = self.model.config.block_size
         turn = self.user_turn(message)
         if len(self.prefix) + len(turn) >= block:
             system = f", {len(self.prefix) - 1} of them taken by the system message" if len(self.prefix) > 1 else ""
             raise UserError(f"that message takes {len(turn)} tokens and the context holds {block}{system}: shorten it")
-        # drop the oldest whole exchanges until the reply has room (a half-exchange would confuse the model)
         room = min(max_new_tokens, block // 2)
         dropped = 0
-        while self.turns and len(self.prefix) + sum(map(len, self.turns)) + len(turn) + room > block:
+        while self.turns and len(self.context(turn)) + room > block:
             self.turns.pop(0)
             dropped += 1
         if dropped:
             print(f"[context full: dropped the oldest {dropped} exchange(s) and rebuilt the cache]", file=sys.stderr)
-        context = self.prefix + [i for t in self.turns for i in t] + turn
-        # Reuse the cache as far as it matches the context: everything but the new tokens normally, the
-        # system prefix after a drop. Positions are absolute, so a stale tail cannot be kept.
-        cached = self.cache.tokens[0, :self.cache.pos].tolist()
-        same = next((i for i, (a, b) in enumerate(zip(cached, context)) if a != b), min(len(cached), len(context)))
-        self.cache.pos = min(same, len(context) - 1)  # at least one new token, whose logits start the reply
-        new = torch.tensor([context[self.cache.pos:]], device=self.cache.k.device)
+        return turn
+
+    def context(self, turn):
+        return self.prefix + [i for t in self.turns for i in t] + turn
+
+    def respond(self, message, max_new_tokens, temperature=0.8, top_k=0, top_p=1.0, generator=None):
+        """Yield the reply's text as it is generated, one piece per token; the exchange joins the conversation once
+        it ends. `reused` is then how many of the context's tokens the cache held, and `ended` whether the reply
+        reached end_of_turn."""
+        turn = self.fit(message, max_new_tokens)
+        context = self.context(turn)
+        # the cache is reused as far as it matches the context: everything but the new tokens normally, the
+        # system prefix after a drop
+        self.cache = self.cache or self.model.new_kv_cache(1)
+        new = resume(self.cache, context)
+        self.reused = self.cache.pos
         reply, shown, ended, found = [], "", False, False
-        steps = self.model.generate(new, min(max_new_tokens, block - len(context)), temperature, top_k, top_p,
-                                    generator, kv_cache=self.cache, vocab_size=self.vocab_size)
+        steps = self.model.generate(new, min(max_new_tokens, self.model.config.block_size - len(context)), temperature,
+                                    top_k, top_p, generator, kv_cache=self.cache, vocab_size=self.vocab_size)
         with contextlib.closing(steps):  # stopping early leaves the last token unfed: next turn prefills it
             for token in steps:
                 reply.append(token.item())
@@ -145,7 +173,8 @@ class Chat:
                 shown = text
                 if ended or found:
                     break
-        self.turns.append(turn + reply + ([] if ended or found else self.end))
+        self.ended = ended or found
+        self.turns.append(turn + reply + ([] if self.ended else self.end))
 
 
 # ----------------------------------------------------------------------------- loading and the two modes

@@ -129,3 +129,14 @@ def test_ctrl_c_is_one_line_and_exit_130():
             "configurator.parse = interrupt\nrunpy.run_path('bench.py', run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 130 and done.stderr == "interrupted\n"
+
+
+def test_serving_times_the_first_token_with_and_without_kept_caches(capsys):
+    pytest.importorskip("fastapi")
+    results = bench.main(["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--serve_turns=3",
+                          "--dtype=float32", "--only=serving"])
+    turns = results["serving"]["turns"]
+    assert [turn["prefilled"] for turn in turns][1:] == [14, 14]  # later messages prefill their own tokens only
+    assert turns[0]["prefilled"] == turns[0]["context_tokens"] < turns[-1]["context_tokens"] <= 64
+    assert all(turn["kept_cache_seconds"] > 0 and turn["no_cache_seconds"] > 0 for turn in turns)
+    assert results["serving"]["speedup_last_turn"] > 0 and "first token, kept cache" in capsys.readouterr().out
