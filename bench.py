@@ -53,6 +53,7 @@ cache, so that every message prefills the whole conversation; one request to eac
 on localhost. The time runs from sending the request to the first chunk of the reply.
 """
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -66,6 +67,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from dataclasses import dataclass
 
 import configurator  # before torch: it sets OpenMP's wait policy
@@ -73,12 +76,15 @@ import torch
 
 import prepare
 import sample
+import train
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS, sample_token
 from sample import SampleConfig
 from tokenizer import CharTokenizer, chat_template, load_tokenizer
-from runtime import CHECKPOINT_VERSION, compile_wanted, mfu, peak_flops, pick_device, precision
+from runtime import CHECKPOINT_VERSION, compile_wanted, cpu_name, mfu, peak_flops, pick_device, precision
 from train import MODEL_KEYS, TrainConfig, build_model_config, make_optimizers, precision_probe
+
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 @dataclass
@@ -97,6 +103,9 @@ class BenchConfig:
     speedrun_target: float = 0.0    # speedrun: also report when each run's validation loss first reached this
     speedrun_limit: float = 0.0     # speedrun: stop a command after this many seconds; 0 = no limit
     serve_turns: int = 10           # serving: messages in the conversation
+    sync_steps: int = 10            # host_syncs: the longer of its two train.py runs takes this many more steps
+    suite: str = ""                 # "gpu": the GPU suite (GPU_SUITE below) instead of --only's benchmarks
+    tiny: bool = False              # the suite at a tiny size, to check it on a CPU in seconds
 
 
 GENERATION_MODEL = dict(PRESETS["classic"], bias=False, n_layer=6, n_head=6, n_embd=384, block_size=1024, vocab_size=65)
@@ -347,6 +356,71 @@ def bench_speedrun(cfg, tcfg, scfg, overrides, device):
     return dict(runs=runs)
 
 
+def bench_host_syncs(cfg, tcfg, scfg, overrides, device):
+    """Host synchronisations per step of train.py's own loop (a loss read back, a check of a device value): two
+    short runs of train.main on the config's prepared dataset, sync_steps apart in length, each counted under
+    torch.cuda.set_sync_debug_mode("warn"); their difference over sync_steps leaves out what both pay once
+    (setup, compilation, the first and last evaluation, the last log line). CUDA only: on a CPU nothing waits."""
+    train_args = [f"--{key}={value!r}" for key, value in overrides.items() if key in TRAIN_KEYS | MODEL_KEYS]
+    runs = []
+    with tempfile.TemporaryDirectory() as out_dir:
+        for steps in (cfg.sync_steps, 2 * cfg.sync_steps):
+            argv = train_args + [f"--out_dir={out_dir}", "--overwrite=True", f"--max_iters={steps}",
+                                 f"--eval_interval={steps}", f"--log_interval={steps}", "--eval_iters=1",
+                                 "--sample_tokens=0", "--target_loss=0", "--early_stop_patience=0", "--max_seconds=0",
+                                 "--max_tokens=0", "--max_flops=0"]
+            with contextlib.redirect_stdout(io.StringIO()):
+                start = time.perf_counter()
+                sites = count_syncs(lambda: train.main(argv), device)
+            runs.append((time.perf_counter() - start, sites))
+    (short_seconds, short), (long_seconds, long) = runs
+    per_step = {site: (long[site] - short[site]) / cfg.sync_steps for site in long if long[site] > short[site]}
+    result = dict(counted=device.type == "cuda", device=device.type, steps=[cfg.sync_steps, 2 * cfg.sync_steps],
+                  syncs_per_step=sum(per_step.values()), sites_per_step=per_step,
+                  seconds_per_step=(long_seconds - short_seconds) / cfg.sync_steps)
+    print(f"host_syncs: train.py's loop, runs of {cfg.sync_steps} and {2 * cfg.sync_steps} steps, {device.type}")
+    if not result["counted"]:
+        print("  n/a: the CPU runs the work itself; only a GPU makes the host wait")
+    print(f"  {'syncs per step':<22}{result['syncs_per_step']:>12.1f}   "
+          f"({1e3 * result['seconds_per_step']:.1f} ms per step, the runs' difference)")
+    for site, count in sorted(per_step.items(), key=lambda item: -item[1]):
+        print(f"    {count:6.1f}  {site[:110]}")
+    return result
+
+
+def count_syncs(work, device):
+    """{site: host synchronisations} while work() runs, each at the innermost line of this repository's code on
+    the stack (with torch's own line under it when the call is inside torch). Empty off CUDA."""
+    sites = collections.Counter()
+
+    def record(message, *args, **kwargs):  # warnings.showwarning's signature; runs where the warning is raised
+        if "synchronizing" in str(message):
+            sites[sync_site(traceback.extract_stack()[:-1])] += 1
+
+    if device.type != "cuda":
+        work()
+        return sites
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            work()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
+
+
+def sync_site(stack):
+    """'train.py:147 <its code>' for the innermost frame in this repository, and ' < torch/...:line' below it."""
+    ours = [frame for frame in stack if frame.filename.startswith(configurator.ROOT + os.sep)]
+    if not ours:
+        return f"{stack[-1].filename}:{stack[-1].lineno}"
+    site = f"{os.path.relpath(ours[-1].filename, configurator.ROOT)}:{ours[-1].lineno} {(ours[-1].line or '').strip()}"
+    inner = stack[-1]
+    return site if inner is ours[-1] else f"{site} < {inner.filename.split('site-packages' + os.sep)[-1]}:{inner.lineno}"
+
+
 def bench_serving(cfg, tcfg, scfg, overrides, device):
     if overrides.keys() & MODEL_KEYS:
         model_cfg = build_model_config(tcfg, overrides, prepare.dataset_vocab(tcfg.dataset, gpt2_fallback=True)[0])
@@ -423,9 +497,99 @@ def first_token(port, messages, max_tokens):
     return first, text, usage
 
 
+# The GPU suite (issue #17): every GPU target in one device call of at most 8 minutes (a 15-minute lease). Each
+# part is a bench.py command of its own with a budget in seconds, run as a child process and stopped at it, so
+# one slow compilation cannot take the other parts' time; the budgets add up to 7.5 minutes.
+GPT2_SMALL = ["--preset=classic", "--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024", "--vocab_size=50304",
+              "--batch_size=32", "--dtype=bfloat16", "--compile=True", "--timed_steps=20"]
+MOE = [os.path.join(configurator.ROOT, "config", "moe_150m_ko.py"), "--dtype=bfloat16", "--compile=True", "--timed_steps=20"]
+DENSE_TWIN = ["--moe_experts=0", "--mlp_hidden=1536"]  # the MoE's active width: a shared and 2 routed experts of 512
+SPEEDRUN_GPU = os.path.join(configurator.ROOT, "config", "speedrun_gpu.py")
+GPU_SUITE = [("gpt2_small", 100, ["--only=training", *GPT2_SMALL]),
+             ("moe", 100, ["--only=training", *MOE]),
+             ("moe_dense_twin", 70, ["--only=training", *MOE, *DENSE_TWIN]),
+             ("host_syncs", 50, ["--only=host_syncs", SPEEDRUN_GPU]),
+             ("speedrun", 130, ["--only=speedrun", f"--speedrun={SPEEDRUN_GPU}", "--speedrun_target=1.47",
+                                "--speedrun_limit=120"])]
+# --tiny=True: every model 2 layers x 32 wide, few steps, float32 without compilation, and a peak for an MFU
+TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--moe_expert_hidden=16", "--dtype=float32", "--compile=False"]
+TINY_SUITE = TINY_MODEL + ["--warmup_steps=1", "--timed_steps=2", "--sync_steps=2", "--peak_tflops=1.0",
+                           f"--speedrun={SPEEDRUN_GPU} {' '.join(TINY_MODEL)} --max_iters=4 --eval_interval=2 --eval_iters=1"]
+
+
+def run_gpu_suite(cfg):
+    """The GPU suite's parts one after the other, then its headline figures; returns every result by part."""
+    on_gpu = torch.cuda.is_available()
+    results = dict(machine=dict(device=torch.cuda.get_device_name() if on_gpu else cpu_name(),
+                                torch=torch.__version__, cuda=torch.version.cuda))
+    print(f"GPU suite on {results['machine']['device']}, torch {torch.__version__}")
+    data_ready = prepare_speedrun_data(SPEEDRUN_GPU)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, budget, argv in GPU_SUITE:
+            if name in ("host_syncs", "speedrun") and not data_ready:
+                results[name] = dict(skipped="data/tinyshakespeare_char/input.txt is missing")
+                continue
+            results[name] = run_part(name, budget, argv + TINY_SUITE * cfg.tiny, os.path.join(tmp, f"{name}.json"))
+    results["summary"] = summarize(results)
+    return results
+
+
+def prepare_speedrun_data(config):
+    """The speedrun's data, prepared from data/tinyshakespeare_char/input.txt (prepare.py downloads it only when
+    asked to: a device machine is offline). False, said in one line, when input.txt is not there."""
+    if not os.path.isfile(os.path.join("data", "tinyshakespeare_char", "input.txt")):
+        print("speedrun and host_syncs: skipped, data/tinyshakespeare_char/input.txt is missing (copy tinyshakespeare there)")
+        return False
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        prepare.main([config])
+    return True
+
+
+def run_part(name, budget, argv, json_path):
+    """`python bench.py <argv>` stopped after `budget` seconds: its JSON's only benchmark, or why there is none."""
+    print(f"\n[{name}] {budget} s at most: python bench.py {' '.join(argv)}", flush=True)
+    command = [sys.executable, os.path.join(configurator.ROOT, "bench.py"), *argv, f"--json={json_path}"]
+    start = time.perf_counter()
+    part = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, errors = part.communicate(timeout=budget)
+    except subprocess.TimeoutExpired:
+        os.killpg(part.pid, 9)  # its group: compilation workers and the speedrun's train.py go with it
+        part.wait()
+        print(f"[{name}] stopped at its budget of {budget} s")
+        return dict(stopped_at_budget=budget)
+    if part.returncode:
+        print(f"[{name}] failed: {(errors.strip().splitlines() or ['?'])[-1]}")
+        return dict(failed=(errors.strip().splitlines() or ["?"])[-1])
+    with open(json_path) as f:
+        return dict(next(iter(json.load(f).values())), command_seconds=time.perf_counter() - start)
+
+
+def summarize(results):
+    """The suite's figures against issue #17's targets, printed and returned."""
+    summary = {}
+    gpt2, moe, dense = (results[name] for name in ("gpt2_small", "moe", "moe_dense_twin"))
+    if "mfu" in gpt2:
+        summary["gpt2_small_mfu"] = gpt2["mfu"]
+    if "tok_per_sec" in moe and "tok_per_sec" in dense:  # one device, one peak: the MFU ratio is the FLOP/s ratio
+        summary["moe_mfu_vs_dense"] = (moe["flops_per_token"] * moe["tok_per_sec"]) / (dense["flops_per_token"] * dense["tok_per_sec"])
+    if "syncs_per_step" in results["host_syncs"]:
+        summary["host_syncs_per_step"] = results["host_syncs"]["syncs_per_step"]
+    run = (results["speedrun"].get("runs") or [{}])[0]
+    if "seconds" in run:
+        summary.update(speedrun_seconds=run["seconds"], speedrun_best_val_loss=run.get("best_val_loss"),
+                       speedrun_target_elapsed=run.get("target_elapsed"))
+    print("\nsummary (issue #17's targets):")
+    for key, value in summary.items():
+        print(f"  {key:<26}{value if value is None else f'{value:.4g}'}")
+    print(f"  targets: gpt2_small_mfu >= 0.55, moe_mfu_vs_dense >= 0.60, speedrun <= 62 s to val <= 1.47")
+    return summary
+
+
 BENCHMARKS = {"training": bench_training, "generation": bench_generation, "prepare": bench_prepare,
-              "speedrun": bench_speedrun, "serving": bench_serving}
-# the speedrun needs its data prepared (--only=speedrun); serving starts servers (--only=serving)
+              "speedrun": bench_speedrun, "serving": bench_serving,
+              "host_syncs": bench_host_syncs}
+# the speedrun and host_syncs need their data prepared (--only=speedrun); serving starts servers (--only=serving)
 DEFAULT_BENCHMARKS = ["training", "generation", "prepare"]
 
 
@@ -437,7 +601,7 @@ def main(argv):
     if unknown:
         raise UserError(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     configurator.check_at_least(cfg, repeats=1, new_tokens=1, timed_steps=1, warmup_steps=0, profile_steps=0,
-                                speedrun_target=0, speedrun_limit=0, serve_turns=1)
+                                speedrun_target=0, speedrun_limit=0, serve_turns=1, sync_steps=1)
     if not cfg.prepare_mb > 0:
         raise UserError(f"--prepare_mb must be more than 0, got {cfg.prepare_mb}")
     for name in filter(None, cfg.prepare_tokenizers.split(",") if "prepare" in names else []):
@@ -445,12 +609,20 @@ def main(argv):
             raise UserError(f"--prepare_tokenizers: {name!r} is neither char, sp, gpt2 nor a ranks file")
     if cfg.json:
         configurator.check_writable(cfg.json, "json")
-    device = pick_device(tcfg.device)
-    results = {name: BENCHMARKS[name](cfg, tcfg, scfg, overrides, device) for name in names}
+    if cfg.suite not in ("", "gpu"):
+        raise UserError(f"--suite must be gpu, got {cfg.suite!r}")
+    results = run_gpu_suite(cfg) if cfg.suite else run_benchmarks(names, cfg, tcfg, scfg, overrides)
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def run_benchmarks(names, cfg, tcfg, scfg, overrides):
+    device = pick_device(tcfg.device)
+    print(f"machine: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}, "
+          f"torch {torch.__version__}")
+    return {name: BENCHMARKS[name](cfg, tcfg, scfg, overrides, device) for name in names}
 
 
 if __name__ == "__main__":
