@@ -395,7 +395,8 @@ def count_syncs(work, device):
 
     def record(message, *args, **kwargs):  # warnings.showwarning's signature; runs where the warning is raised
         if "synchronizing" in str(message):
-            sites[sync_site(traceback.extract_stack()[:-1])] += 1
+            stack = [frame for frame in traceback.extract_stack() if frame.filename != warnings.__file__]
+            sites[sync_site(stack[:-1])] += 1  # without this function and the warnings module's own frames
 
     if device.type != "cuda":
         work()
@@ -568,14 +569,15 @@ def run_part(name, budget, argv, json_path):
 def summarize(results):
     """The suite's figures against issue #17's targets, printed and returned."""
     summary = {}
-    gpt2, moe, dense = (results[name] for name in ("gpt2_small", "moe", "moe_dense_twin"))
+    gpt2, moe, dense, syncs, speedrun = (results.get(name, {}) for name in ("gpt2_small", "moe", "moe_dense_twin",
+                                                                              "host_syncs", "speedrun"))
     if "mfu" in gpt2:
         summary["gpt2_small_mfu"] = gpt2["mfu"]
     if "tok_per_sec" in moe and "tok_per_sec" in dense:  # one device, one peak: the MFU ratio is the FLOP/s ratio
         summary["moe_mfu_vs_dense"] = (moe["flops_per_token"] * moe["tok_per_sec"]) / (dense["flops_per_token"] * dense["tok_per_sec"])
-    if "syncs_per_step" in results["host_syncs"]:
-        summary["host_syncs_per_step"] = results["host_syncs"]["syncs_per_step"]
-    run = (results["speedrun"].get("runs") or [{}])[0]
+    if "syncs_per_step" in syncs:
+        summary["host_syncs_per_step"] = syncs["syncs_per_step"]
+    run = (speedrun.get("runs") or [{}])[0]
     if "seconds" in run:
         summary.update(speedrun_seconds=run["seconds"], speedrun_best_val_loss=run.get("best_val_loss"),
                        speedrun_target_elapsed=run.get("target_elapsed"))

@@ -3,11 +3,14 @@ from. Speeds are not asserted: they depend on the machine and its load."""
 
 import base64
 import json
+import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 
 import bench
 from configurator import UserError
@@ -140,3 +143,52 @@ def test_serving_times_the_first_token_with_and_without_kept_caches(capsys):
     assert turns[0]["prefilled"] == turns[0]["context_tokens"] < turns[-1]["context_tokens"] <= 64
     assert all(turn["kept_cache_seconds"] > 0 and turn["no_cache_seconds"] > 0 for turn in turns)
     assert results["serving"]["speedup_last_turn"] > 0 and "first token, kept cache" in capsys.readouterr().out
+
+
+def test_gpu_suite_runs_every_part_at_tiny_size_and_writes_finite_figures(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "tinyshakespeare_char").mkdir(parents=True)
+    (tmp_path / "data" / "tinyshakespeare_char" / "input.txt").write_text("to be or not to be, that is the question.\n" * 400)
+    out = tmp_path / "suite.json"
+    results = bench.main(["--suite=gpu", "--tiny=True", f"--json={out}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert set(results) == {"machine", "gpt2_small", "moe", "moe_dense_twin", "host_syncs", "speedrun", "summary"}
+    assert results["machine"]["device"] and results["machine"]["torch"] == torch.__version__
+    gpt2, moe, dense = results["gpt2_small"], results["moe"], results["moe_dense_twin"]
+    assert gpt2["model"]["n_layer"] == 2 and gpt2["model"]["vocab_size"] == 50304 and gpt2["model"]["pos_emb"] == "learned"
+    assert moe["model"]["moe_experts"] == 16 and dense["model"]["moe_experts"] == 0 and dense["model"]["mlp_hidden"] == 1536
+    assert results["host_syncs"]["counted"] is False and results["host_syncs"]["steps"] == [2, 4]
+    run, = results["speedrun"]["runs"]
+    assert run["steps"] == 4 and (tmp_path / "out-speedrun-gpu" / "log.jsonl").exists()
+    summary = results["summary"]
+    assert set(summary) == {"gpt2_small_mfu", "moe_mfu_vs_dense", "host_syncs_per_step", "speedrun_seconds",
+                            "speedrun_best_val_loss", "speedrun_target_elapsed"}
+    assert all(math.isfinite(value) for key, value in summary.items() if key != "speedrun_target_elapsed")
+    assert 0 < summary["gpt2_small_mfu"] < 1 and summary["moe_mfu_vs_dense"] > 0
+    assert "GPU suite on" in capsys.readouterr().out
+
+
+def test_gpu_suite_says_in_one_line_that_the_speedrun_data_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "GPU_SUITE", [part for part in bench.GPU_SUITE if part[0] in ("host_syncs", "speedrun")])
+    results = bench.main(["--suite=gpu", "--tiny=True"])
+    assert results["speedrun"] == results["host_syncs"] == dict(skipped="data/tinyshakespeare_char/input.txt is missing")
+    assert results["summary"] == {}
+    assert "skipped, data/tinyshakespeare_char/input.txt is missing" in capsys.readouterr().out
+
+
+def test_a_suite_part_is_stopped_at_its_budget(tmp_path):
+    assert bench.run_part("slow", 1, ["--only=training"], str(tmp_path / "part.json")) == dict(stopped_at_budget=1)
+
+
+def test_host_syncs_are_counted_at_the_line_of_this_repository_that_asked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)  # what a CUDA build does: warn per sync
+
+    def step():
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+
+    sites = bench.count_syncs(step, torch.device("cuda"))
+    line = step.__code__.co_firstlineno + 2
+    assert sites == {f"tests/test_bench.py:{line} warnings.warn(\"called a synchronizing CUDA operation\")": 3}
