@@ -5,6 +5,7 @@
     python bench.py --only=generation --json=bench.json   # also write the results as JSON
     python bench.py --only=speedrun                       # the CPU speedrun against its baseline, whole commands
     python bench.py --only=serving                        # serve.py's first token with and without kept caches
+    python bench.py --suite=gpu --json=gpu.json           # every GPU target of issue #17 in one call of 7.5 minutes
 
 Config files and --key=value set any key of train.py (model shape, batch_size, optimizer, dtype, compile,
 peak_tflops), of sample.py (dtype, threads, temperature, top_k) and the BenchConfig keys below.
@@ -45,6 +46,17 @@ first reached it (train.py's own clock, which starts after start-up and data loa
 compilation). speedrun_limit stops a command after that many seconds and reports how far it got. Issue #8's
 CPU speedrun is the default pair; the GPU one is --speedrun=config/shakespeare_char.py,config/speedrun_gpu.py
 --speedrun_target=1.47.
+
+host_syncs (only with --only=host_syncs): how often train.py's own loop makes the host wait for the GPU per step
+(a loss read back, a check of a device value), and from which line: train.main on the config's prepared
+dataset, counted under torch.cuda.set_sync_debug_mode; n/a on a CPU.
+
+--suite=gpu (GPU_SUITE): the GPT-2 small shape's training MFU (classic preset, bf16, compiled), the MoE of
+config/moe_150m_ko.py against its dense twin (the same active width; the ratio of their MFU), host_syncs on
+the GPU speedrun's config and the speedrun's whole command, each a bench.py child stopped at its time budget,
+then the figures against issue #17's targets. The speedrun's data is prepared from
+data/tinyshakespeare_char/input.txt (the device machine is offline; else those two parts are skipped).
+--tiny=True runs it all at a tiny size, on a CPU in seconds.
 
 serving (only with --only=serving): time to first token of each message of a conversation that fills most of
 the context (serve_turns messages, each twice as long as its reply), streamed from `python serve.py` on the
