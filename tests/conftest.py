@@ -11,3 +11,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_probe_cache(tmp_path_factory):
+    """dtype=auto's CPU probe caches what it measures under XDG_CACHE_HOME: the tests' tiny models go to a
+    folder of their own (their subprocesses too), not to the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
