@@ -134,7 +134,9 @@ def to_hf(model, arch, special=None):
 # ----------------------------------------------------------------------------- tokenizer
 
 def hf_tokenizer(tok):
-    """A transformers tokenizer that encodes text to the same ids as `tok` (tokenizer.py), or None."""
+    """A transformers tokenizer that encodes text to the same ids as `tok` (tokenizer.py), or None. It puts the
+    end-of-text token first (add_bos_token, a post-processor in tokenizer.json), as every training document starts
+    with it: pipeline("text-generation") on a raw prompt then continues as sample.py --prompt does."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast
     kind = tok.spec["kind"]
@@ -142,7 +144,7 @@ def hf_tokenizer(tok):
         backend = Tokenizer(models.BPE({ch: i for i, ch in enumerate(tok.chars)}, [], ignore_merges=True))
         backend.decoder = decoders.Fuse()
         backend.add_special_tokens([EOT_TEXT])
-        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT, add_bos_token=True)
     if kind == "sp":
         # Llama's tokenizer is a BPE with byte fallback; SentencePiece BPE applies merges by piece score, so the
         # merges are ranked by score (as transformers' SentencePieceExtractor does). A unigram model has no merges.
@@ -154,7 +156,7 @@ def hf_tokenizer(tok):
             return None  # unigram scores are log-probabilities
         return LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), add_prefix_space=False, legacy=False,
                               unk_token=sp.id_to_piece(sp.unk_id()), bos_token=sp.id_to_piece(tok.eot_id),
-                              eos_token=sp.id_to_piece(tok.eot_id), add_bos_token=False)
+                              eos_token=sp.id_to_piece(tok.eot_id), add_bos_token=True)
     # tiktoken: ranks -> byte-level BPE vocab and merges (TikTokenConverter), with this encoding's split pattern
     import tempfile
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -164,7 +166,7 @@ def hf_tokenizer(tok):
         with open(path, "w") as f:
             f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
         backend = TikTokenConverter(path, pattern=tok.enc._pat_str, extra_special_tokens=[EOT_TEXT]).converted()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT, add_bos_token=True)
 
 
 def export(cfg):

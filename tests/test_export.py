@@ -148,6 +148,21 @@ def test_exported_tokenizers_encode_to_the_same_ids_and_come_back(tmp_path, make
     assert load_tokenizer(info["tokenizer"]).encode(PROBE) == tok.encode(PROBE)
 
 
+def test_the_pipeline_on_a_raw_prompt_continues_as_sample_py_does(tmp_path):
+    from transformers import AutoTokenizer, pipeline
+    write_run(tmp_path / "run", **ARCHS["gpt2"])  # whose greedy text does not reach end-of-text, where pipeline stops
+    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    tok = load_tokenizer(CHAR_SPEC)  # end-of-text first, as every training document starts
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("ROMEO:").input_ids == [tok.eot_id] + tok.encode("ROMEO:")
+    generate = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu", dtype=torch.float32)
+    theirs = generate("ROMEO:", max_new_tokens=30, do_sample=False)[0]["generated_text"]
+    out = io.StringIO()
+    sample.main([f"--out_dir={tmp_path / 'run'}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=30",
+                 "--dtype=float32"], out=out)
+    ours = out.getvalue().split("\n" + "-" * 40)[0]
+    assert theirs == ours and len(ours) > len("ROMEO:") + 20
+
+
 def test_chat_template_renders_as_sample_py_does(tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
     tok = load_tokenizer(CHAR_SPEC)
@@ -159,6 +174,7 @@ def test_chat_template_renders_as_sample_py_does(tmp_path):
                 dict(role="assistant", content="O Juliet"), dict(role="user", content="what light?")]
     text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert hf_tok.encode(text, add_special_tokens=False) == render_chat(tok, template, messages)[0] + [72]
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == hf_tok.encode(text, add_special_tokens=False)
     generation = GenerationConfig.from_pretrained(tmp_path / "hf")
     assert generation.eos_token_id == [tok.eot_id, 71]
     assert 70 not in generation.suppress_tokens and 66 in generation.suppress_tokens and 127 in generation.suppress_tokens
