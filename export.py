@@ -14,7 +14,8 @@ transformers.AutoModelForCausalLM / AutoTokenizer, no custom code. What maps whe
 Anything else (ReLU^2, MoE, mixed choices) has no standard architecture and is refused. config.json's
 vocab_size is the padded embedding table; generation_config.json suppresses the padding rows that are not
 special tokens, as sample.py does. Tokenizers: char -> a BPE with no merges, SentencePiece -> the Llama
-tokenizer, tiktoken -> the GPT-2 byte-level BPE; an SFT chat template -> the tokenizer's Jinja chat_template.
+tokenizer, tiktoken -> the GPT-2 byte-level BPE; an SFT chat template -> the tokenizer's Jinja chat_template, and its
+markers as they are in chat_markers.json, which import reads back.
 """
 
 import base64
@@ -44,6 +45,7 @@ class ExportConfig:
     overwrite: bool = False          # replace an earlier export in --to, or the --to_run checkpoint
 
 
+CHAT_MARKERS = "chat_markers.json"  # a fine-tuned model's chat template as tokenizer.py holds it (a dict of markers)
 EXPORTABLE = ("exportable: classic (learned positions, layernorm, gelu) as GPT-2; rope + rmsnorm + swiglu as Llama, "
               "with qk_norm and bias=False as Qwen3; dense only")
 
@@ -253,6 +255,9 @@ def write_export(cfg, folder):
                 notes.append("text chat markers are tokenized with their neighbours by transformers, apart by "
                              "sample.py: BPE may merge across the boundary")
         hf_tok.save_pretrained(folder)
+    if template:  # the markers themselves, which Jinja cannot give back: import and sample.py read them
+        with open(os.path.join(folder, CHAT_MARKERS), "w") as f:
+            json.dump(template, f, ensure_ascii=False)
     if tok.spec["kind"] == "sp":  # the original model too, as Llama repositories ship it; import reads it back
         with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
             f.write(base64.b64decode(tok.spec["model"]))
@@ -351,7 +356,25 @@ def load_hf(folder):
         probe = "".join(ch for ch in probe if spec["kind"] != "char" or ch in spec["chars"])
         if hf_tok.encode(probe, add_special_tokens=False) != ours.encode(probe):
             spec, note = None, "its tokenizer encodes differently from tokenizer.py's rebuilding of it"
-    return model.eval(), dict(model_type=arch, tokenizer=spec, note=note)
+    return model.eval(), dict(model_type=arch, tokenizer=spec, note=note, chat_template=chat_markers(folder))
+
+
+def chat_markers(folder):
+    """The chat template that export wrote beside the weights, or None for a model that was not fine-tuned."""
+    path = os.path.join(folder, CHAT_MARKERS)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            template = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} does not load ({e}); delete it to import the model without its chat template") from e
+    markers_fit = isinstance(template, dict) and all(
+        isinstance(m, str) or (isinstance(m, list) and all(isinstance(i, int) for i in m)) for m in template.values())
+    if not markers_fit:
+        raise UserError(f"{path} is not a chat template (a dict of role: text or list of token ids); delete it "
+                        "to import the model without one")
+    return template
 
 
 def import_hf(cfg):
@@ -371,6 +394,7 @@ def import_hf(cfg):
     save_checkpoint(path, dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
                                model_config=dataclasses.asdict(model.config), config=dataclasses.asdict(cfg),
                                tokenizer=info["tokenizer"], dataset=f"hf:{cfg.from_hf}",
+                               **({"chat_template": info["chat_template"]} if info["chat_template"] else {}),
                                state=dict(step=0, tokens=0, flops=0.0, elapsed=0.0, best_val_loss=float("inf")),
                                rng=dict(torch=torch.get_rng_state(), cuda=[])))
     print(f"wrote {path} ({info['model_type']}, {model.param_counts()['total'] / 1e6:.2f}M parameters)")

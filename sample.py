@@ -274,7 +274,8 @@ def hf_checkpoint(folder):
     model, info = load_hf(folder)
     if info["tokenizer"] is None:
         raise UserError(f"{folder}: {info['note']}; sample.py needs a tokenizer it can rebuild")
-    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), tokenizer=info["tokenizer"])
+    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), tokenizer=info["tokenizer"],
+                chat_template=info["chat_template"])
 
 
 def read_prompt(spec):

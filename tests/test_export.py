@@ -180,6 +180,25 @@ def test_chat_template_renders_as_sample_py_does(tmp_path):
     assert 70 not in generation.suppress_tokens and 66 in generation.suppress_tokens and 127 in generation.suppress_tokens
 
 
+def test_a_fine_tuned_model_keeps_its_chat_template_through_export_and_import(tmp_path, monkeypatch):
+    template = {"user": [70], "assistant": [72], "end_of_turn": [71], "system": "ROMEO:"}
+    write_run(tmp_path / "run", **dict(ARCHS["llama"], extra=dict(chat_template=template)))
+    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
+    assert runtime.load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))["chat_template"] == template
+    replies = []
+    for folder in ("run", "hf", "back"):  # the folder itself too, as sample.py reads it
+        monkeypatch.setattr("sys.stdin", io.StringIO("hi Romeo\nwhat light?\n"))
+        out = io.StringIO()
+        sample.main([f"--out_dir={tmp_path / folder}", "--chat", "--system=be brief", "--temperature=0",
+                     "--max_new_tokens=12", "--dtype=float32"], out=out)
+        replies.append(out.getvalue())
+    assert replies[0] == replies[1] == replies[2] and replies[0].count("\n") == 5  # 2 messages, 2 replies, Ctrl-D
+    (tmp_path / "hf" / export.CHAT_MARKERS).write_text('{"user": 3.5}')
+    with pytest.raises(UserError, match="is not a chat template"):
+        export.load_hf(str(tmp_path / "hf"))
+
+
 @pytest.mark.parametrize("arch, what", [(dict(PRESETS["modern"]), "relu2"),
                                         (dict(PRESETS["modern"], mlp="swiglu", moe_experts=4), "MoE"),
                                         (dict(PRESETS["classic"], norm="rmsnorm"), "rmsnorm")])
