@@ -3,6 +3,7 @@
     python export.py --out_dir=out --to=hf/my-model             # out/ckpt.pt -> hf/my-model/ (--ckpt=best.pt for the best)
     hf upload <user>/<repo> hf/my-model                          # the Hub's CLI publishes the folder
     python export.py --from_hf=hf/my-model --to_run=out-hf       # a local HF folder -> out-hf/ckpt.pt
+    python export.py --from_hf=gpt2 --to_run=out-gpt2            # or the Hub's (then train.py --init_from=out-gpt2)
 
 The folder holds config.json, generation_config.json, model.safetensors and the tokenizer, and loads with
 transformers.AutoModelForCausalLM / AutoTokenizer, no custom code. What maps where:
@@ -40,7 +41,7 @@ class ExportConfig:
     out_dir: str = "out"             # export: the run to read (shared with train.py and sample.py)
     ckpt: str = "ckpt.pt"            # export: "best.pt" for the best by validation loss
     to: str = ""                     # export: the Hugging Face folder to write
-    from_hf: str = ""                # import: a local Hugging Face folder (GPT-2, Llama or Qwen3)
+    from_hf: str = ""                # import: a Hugging Face folder (GPT-2, Llama or Qwen3), local or on the Hub
     to_run: str = ""                 # import: the run directory to write ckpt.pt into
     overwrite: bool = False          # replace an earlier export in --to, or the --to_run checkpoint
 
@@ -321,10 +322,21 @@ def tokenizer_spec_from_hf(folder):
     return None, f"its {model['type']} tokenizer has no tokenizer.py equivalent (char, SentencePiece, GPT-2 BPE)"
 
 
+def hub_download(name):
+    """The local copy of the Hub's model `name` (gpt2, Qwen/Qwen3-0.6B), downloaded once into the Hub's cache."""
+    from huggingface_hub import snapshot_download
+    try:  # the files import reads: configuration, weights and tokenizer, not other formats' weights
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+    except Exception as e:  # no network, an unknown repository, a name that is no repository id
+        raise UserError(f"--from_hf={name} is no local folder, and the Hub did not give it ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from e
+
+
 def load_hf(folder):
     """model.py's GPT holding a local Hugging Face GPT-2, Llama or Qwen3 folder's weights, and
     info = dict(model_type, tokenizer=spec or None, note=why not)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    folder = hub_download(folder) if not os.path.exists(folder) else folder
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise UserError(f"{folder} has no config.json: give a local Hugging Face model folder")
     try:

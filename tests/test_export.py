@@ -282,6 +282,17 @@ def test_a_target_that_cannot_be_written_is_one_line_and_the_earlier_export_is_k
         export.main([f"--out_dir={run}", f"--to={tmp_path / 'new'}"])
 
 
+def test_a_model_on_the_hub_is_downloaded_then_imported(tmp_path, monkeypatch):
+    import huggingface_hub
+    with pytest.raises(UserError, match="--from_hf=gpt2 is no local folder, and the Hub did not give it"):
+        export.main(["--from_hf=gpt2", f"--to_run={tmp_path / 'gpt2'}"])  # offline
+    model = write_run(tmp_path / "run", **ARCHS["gpt2"])
+    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hub' / 'gpt2'}"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kwargs: str(tmp_path / "hub" / name))
+    back, _ = export.main(["--from_hf=gpt2", f"--to_run={tmp_path / 'out-gpt2'}"])
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_a_broken_hugging_face_folder_is_one_line(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{broken")
