@@ -240,6 +240,11 @@ def write_export(cfg, folder):
     if tok.spec["kind"] == "char":
         notes.append("char tokenizer exported as a BPE with no merges, the same ids; characters outside its "
                      "vocabulary are dropped by it, refused by tokenizer.py")
+        notes.append("llama.cpp's convert_hf_to_gguf.py does not recognise this BPE's pre-tokenizer: for a GGUF, "
+                     "prepare the data with --tokenizer=sp")
+    if tok.spec["kind"] == "sp" and arch == "qwen3":  # its Llama converter reads add_prefix_space, its Qwen3 one not
+        notes.append("llama.cpp's convert_hf_to_gguf.py drops add_prefix_space=false for Qwen3, so llama.cpp would "
+                     "put a space before the text: for a GGUF, export a Llama (qk_norm=False)")
     if hf_tok is None:
         notes.append("a unigram SentencePiece model has no Llama (BPE) equivalent: tokenizer not exported")
     else:
