@@ -93,6 +93,7 @@ def hf_config(c, arch, eps, special):
     from transformers import GPT2Config, LlamaConfig, Qwen3Config
     if arch == "gpt2":
         return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                          n_ctx=c.block_size,  # as OpenAI's config.json has it, which llama.cpp's converter reads
                           n_head=c.n_head, n_inner=c.mlp_width, activation_function="gelu",  # exact GELU, not gelu_new
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=eps,
                           tie_word_embeddings=c.tie_embeddings, architectures=["GPT2LMHeadModel"], **special)
@@ -210,6 +211,21 @@ def staged_folder(path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def gguf_note(spec, arch):
+    """What llama.cpp's convert_hf_to_gguf.py (checked: llama-cpp-python 0.3.36's copy) would get wrong, or None.
+    It knows a BPE tokenizer by the ids that it gives a probe text, so only a published model's vocabulary."""
+    advice = "for a GGUF, prepare the data with --tokenizer=sp and export a Llama (rope, rmsnorm, swiglu, no qk_norm)"
+    if spec["kind"] == "sp" and arch == "llama":
+        return None
+    if spec["kind"] == "sp" and arch == "qwen3":  # its Llama converter reads add_prefix_space, its Qwen3 one not
+        return f"llama.cpp's converter drops add_prefix_space=false for Qwen3: llama.cpp would put a space first; {advice}"
+    if spec["kind"] == "sp":
+        return f"llama.cpp's converter reads GPT-2's tokenizer as a BPE and does not know this one; {advice}"
+    if spec.get("name") != "gpt2":
+        return f"llama.cpp's converter does not know this {spec['kind']} tokenizer's BPE pre-tokenizer; {advice}"
+    return None
+
+
 def write_export(cfg, folder):
     """out_dir's checkpoint as a Hugging Face model and tokenizer in `folder`; returns them and the architecture."""
     from transformers import GenerationConfig
@@ -240,11 +256,7 @@ def write_export(cfg, folder):
     if tok.spec["kind"] == "char":
         notes.append("char tokenizer exported as a BPE with no merges, the same ids; characters outside its "
                      "vocabulary are dropped by it, refused by tokenizer.py")
-        notes.append("llama.cpp's convert_hf_to_gguf.py does not recognise this BPE's pre-tokenizer: for a GGUF, "
-                     "prepare the data with --tokenizer=sp")
-    if tok.spec["kind"] == "sp" and arch == "qwen3":  # its Llama converter reads add_prefix_space, its Qwen3 one not
-        notes.append("llama.cpp's convert_hf_to_gguf.py drops add_prefix_space=false for Qwen3, so llama.cpp would "
-                     "put a space before the text: for a GGUF, export a Llama (qk_norm=False)")
+    notes += [gguf_note(tok.spec, arch)] if gguf_note(tok.spec, arch) else []
     if hf_tok is None:
         notes.append("a unigram SentencePiece model has no Llama (BPE) equivalent: tokenizer not exported")
     else:
