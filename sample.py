@@ -2,7 +2,7 @@
 
     python sample.py --out_dir=out                                   # unconditional: starts from end-of-text
     python sample.py --out_dir=out --prompt="ROMEO:" --num_samples=3 --max_new_tokens=300
-    python sample.py --out_dir=out --prompt=FILE:prompt.txt          # or --prompt=- to read stdin
+    python sample.py --out_dir=out --prompt=FILE:prompt.txt          # or --prompt=- to read stdin; nanoGPT's --start too
     python sample.py --out_dir=out-sft --chat                        # multi-turn chat with a fine-tuned model
 
 With --chat, a conversation is rendered in the checkpoint's chat template (tokenizer.py: the one
@@ -274,7 +274,8 @@ def hf_checkpoint(folder):
     model, info = load_hf(folder)
     if info["tokenizer"] is None:
         raise UserError(f"{folder}: {info['note']}; sample.py needs a tokenizer it can rebuild")
-    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), tokenizer=info["tokenizer"])
+    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), tokenizer=info["tokenizer"],
+                chat_template=info["chat_template"])
 
 
 def read_prompt(spec):
@@ -343,8 +344,13 @@ def chat(model, tokenizer, checkpoint, cfg, out, read=input):
         out.write("\n")
 
 
+def nanogpt_names(argv):
+    """nanoGPT's sample.py calls the prompt `start` (text or FILE:path, as --prompt here): --start=X is --prompt=X."""
+    return ["--prompt=" + arg[len("--start="):] if arg.startswith("--start=") else arg for arg in argv]
+
+
 def main(argv, out=sys.stdout):
-    cfg = configurator.build(SampleConfig, configurator.parse(argv, SampleConfig))
+    cfg = configurator.build(SampleConfig, configurator.parse(nanogpt_names(argv), SampleConfig))
     if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
         raise UserError("num_samples and max_new_tokens must be at least 1")
     if not cfg.temperature >= 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1:  # NaN too

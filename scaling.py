@@ -414,17 +414,27 @@ def gpu_peak_tflops(gpu, override):
     return peak
 
 
+def planned_vocab(train_cfg, overrides):
+    """The vocabulary a planned model is shaped for and where it comes from: --vocab_size at its word (taken out of
+    `overrides`, so that it is padded as train.py pads a dataset's), else data/<dataset>'s when prepared here, else
+    GPT-2's."""
+    import prepare
+    if "vocab_size" in overrides:
+        return overrides.pop("vocab_size"), "--vocab_size"
+    return prepare.dataset_vocab(train_cfg.dataset, gpt2_fallback=True)
+
+
 def cmd_mfu(cfg, argv):
     """MFU = (6N + 12*L*H*Q*T) * tokens/s / peak (runtime.mfu; PaLM, appendix B), as train.py prints it. torch,
     model.py and train.py are imported here only, for the model they build: the other subcommands stay light."""
     import torch
-    import prepare
     import runtime
     import train
     from model import GPT, GPTConfig
     overrides = configurator.parse(argv, train.TrainConfig, GPTConfig)
     train_cfg = configurator.build(train.TrainConfig, overrides)
-    model_cfg = train.build_model_config(train_cfg, overrides, prepare.dataset_vocab(train_cfg.dataset, gpt2_fallback=True)[0])
+    vocab, vocab_source = planned_vocab(train_cfg, overrides)
+    model_cfg = train.build_model_config(train_cfg, overrides, vocab)
     attention = attention_flops(model_cfg)
     if cfg.params:
         n = cfg.params
@@ -514,7 +524,6 @@ def cmd_plan(cfg, argv):
     """GPUs x hours (or dollars) -> FLOPs at an assumed MFU -> compute-optimal N and D under a law -> a model
     shape, batch and learning rate -> a config file for train.py, stopped by that FLOP budget."""
     import torch
-    import prepare
     import train
     from model import GPT, GPTConfig
     for key in ("hours", "dollars", "price_per_gpu_hour"):
@@ -529,7 +538,7 @@ def cmd_plan(cfg, argv):
         raise UserError("give --hours, or --dollars with --price_per_gpu_hour")
     overrides = configurator.parse(argv, train.TrainConfig, GPTConfig)
     train_cfg = configurator.build(train.TrainConfig, overrides)
-    vocab, vocab_source = prepare.dataset_vocab(train_cfg.dataset, gpt2_fallback=True)
+    vocab, vocab_source = planned_vocab(train_cfg, overrides)
     mfu = cfg.mfu or 0.4  # what a well-tuned small-model run reaches on A100/H100-class GPUs; measure yours with `mfu`
     flops = cfg.gpus * gpu_peak_tflops(cfg.gpu, train_cfg.peak_tflops) * 1e12 * mfu * hours * 3600
     if cfg.law == "approach1":
@@ -553,11 +562,13 @@ def cmd_plan(cfg, argv):
     batch_tokens = max(1, round(0.292 * flops ** 0.3271 / micro)) * micro
     learning_rate = 0.3118 * flops ** -0.125
     steps = int(tokens // batch_tokens)
-    result = dict(hours=hours, flops=flops, mfu=mfu, law=cfg.law, N_opt=n_opt, N=n, tokens=tokens, steps=steps,
+    result = dict(hours=hours, flops=flops, mfu=mfu, law=cfg.law, vocab_size=vocab, vocab_source=vocab_source,
+                  N_opt=n_opt, N=n, tokens=tokens, steps=steps,
                   batch_tokens=batch_tokens, learning_rate=learning_rate, shape=shape,
                   expected_loss=predicted_loss(law, n, tokens), config=cfg.plan_out)
     with open(cfg.plan_out, "w") as f:
         f.write(f"# written by: python scaling.py plan {' '.join(argv)}\n"
+                f"# vocabulary {vocab:,} from {vocab_source}\n"
                 f"# {cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * mfu:.0f}% MFU = {flops:.3g} FLOPs; law {cfg.law}: "
                 f"N_opt {n_opt:.3g}, this shape N = {n:,} active non-embedding parameters, {tokens:.3g} tokens, "
                 f"expected loss {result['expected_loss']:.3f} (in the law's data and tokenizer)\n"
@@ -569,7 +580,7 @@ def cmd_plan(cfg, argv):
     if cfg.json:
         return result
     print(f"{cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * mfu:.0f}% MFU: {flops:.3g} FLOPs")
-    print(f"vocabulary {vocab:,} from {vocab_source} (GPT-2's when data/<dataset> is not prepared here; set --dataset)")
+    print(f"vocabulary {vocab:,} from {vocab_source} (--vocab_size or --dataset to plan for another)")
     print(f"compute-optimal under {cfg.law}: N {n_opt:.3g}; chosen {depth} layers x {64 * depth} wide = {n:,} parameters, "
           f"{tokens:.3g} tokens ({tokens / n:.0f} per parameter), {steps:,} steps of {batch_tokens:,} tokens, "
           f"lr {learning_rate:.3g}; expected loss {result['expected_loss']:.3f}")

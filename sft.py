@@ -39,7 +39,7 @@ import torch
 
 from configurator import UserError
 from model import GPTConfig
-from prepare import is_val, markdown_play_to_text, offline_unless_hub_reachable, shakespeare_plays
+from prepare import is_val, markdown_play_to_text, offline_unless_hub_reachable, play_title, shakespeare_plays
 from tokenizer import chat_template, load_tokenizer, marker_ids, render_chat, sampleable_vocab_size
 from runtime import load_checkpoint, load_init
 from train import TrainConfig, launch
@@ -122,8 +122,8 @@ def demo_conversations(n, seed):
     speeches, plays_of = [], {}  # (play title, speaker, first line of a speech)
     for path in shakespeare_plays():
         with open(path, encoding="utf-8") as f:
-            text = markdown_play_to_text(f.read())
-        title = text.split("\n", 1)[0]
+            markdown = f.read()
+        text, title = markdown_play_to_text(markdown), play_title(path, markdown)
         for speaker, body in re.findall(r"^([A-Z][A-Z' ]+):\n((?:.+\n)+)", text, flags=re.MULTILINE):
             line = body.splitlines()[0]
             plays_of.setdefault(speaker, set()).add(title)

@@ -92,6 +92,7 @@ class TrainConfig:
 # With no config file train.py trains this small model on the Shakespeare default. Config files
 # and --key=value set any GPTConfig field (n_layer, n_embd, block_size, mlp, moe_experts, ...).
 DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
+OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # the names nanoGPT's --init_from takes
 MODEL_KEYS = {f.name for f in dataclasses.fields(GPTConfig)} | {"preset"}  # the keys that shape the model
 
 
@@ -102,6 +103,9 @@ def main(argv):
     cfg = configurator.build(TrainConfig, overrides)
     if cfg.init_from and cfg.resume:
         raise UserError("--init_from and --resume together: --resume continues out_dir's run from its own weights; drop one")
+    if cfg.init_from in OPENAI_GPT2 and not os.path.exists(cfg.init_from):  # nanoGPT's way to OpenAI's weights
+        raise UserError(f"--init_from={cfg.init_from}: import OpenAI's weights first with python export.py "
+                        f"--from_hf={cfg.init_from} --to_run=out-{cfg.init_from}, then pass --init_from=out-{cfg.init_from}")
     return launch(cfg, overrides, init=load_init(cfg.init_from) if cfg.init_from else None)
 
 

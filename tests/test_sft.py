@@ -294,6 +294,9 @@ def test_the_offline_demo_fits_the_quick_start_model():
     conversations = sft.demo_conversations(500, 0)
     kinds = {c[0]["content"].split()[0] for c in conversations}
     assert kinds == {"Which", "Give", "Add"}
+    answers = [c[1]["content"] for c in sft.demo_conversations(4000, 0)]  # as many as sft.py's demo makes
+    assert not any(" in ACT " in a or " in PROLOGUE" in a for a in answers)  # the play's title, not its first heading
+    assert any("speaks in Measure for Measure" in a for a in answers)
     for messages in conversations:
         ids, _, _ = sft.encode(tokenizer, template, messages, mask_prompt=True)
         assert len(ids) <= 129

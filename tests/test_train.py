@@ -273,6 +273,9 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimizer(tiny_
         train.main(TINY + ["--out_dir=third", "--init_from=nowhere"])
     with pytest.raises(UserError, match="--init_from and --resume together"):
         train.main(TINY + ["--out_dir=second", "--init_from=first", "--resume"])
+    with pytest.raises(UserError, match="import OpenAI's weights first with python export.py --from_hf=gpt2-medium "
+                                        "--to_run=out-gpt2-medium, then pass --init_from=out-gpt2-medium"):
+        train.main(TINY + ["--out_dir=third", "--init_from=gpt2-medium"])  # nanoGPT's name for OpenAI's weights
     with open("digits.txt", "w") as f:  # a char vocabulary of its own: the same ids would mean other characters
         f.write("0123456789 +-=\n" * 2000)
     prepare.main(["--source=digits.txt", "--dataset=digits", "--tokenizer=char"])
