@@ -111,7 +111,8 @@ def autocast_to(dtype, device):
 # cost more than the products save); without native bf16 it is emulated, hundreds of times slower. So "auto" times
 # the work itself, once per machine, torch version, thread count and shape (RESULTS.md).
 
-# the share of float32's time bf16 must beat to be chosen: a clear win, not noise
+# the dtypes a CPU chooses between, and the share of float32's time bf16 must beat to be chosen: a clear win
+DTYPES = ("float32", "bfloat16")
 BF16_MARGIN = 0.9
 # (rows, inner, columns, threads) of the timed products when no training step is given: one token through a wide
 # layer on one thread, as sample.py decodes; a hidden layer's worth on every core, as Muon orthogonalises
@@ -131,33 +132,38 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def time_both(work, repeats, warmups=2):
-    """The best seconds of work(dtype) in float32 and in bfloat16, alternated, so that other work on the machine
-    slows both alike. Each first runs `warmups` times untimed: oneDNN builds its kernels for a shape over the first
-    calls (20 ms, then 1 ms, on the Xeon, for a product that then takes 0.06 ms). bf16 is given up on after one
-    timed call when it is over 3x slower (emulated)."""
-    best = {"float32": math.inf, "bfloat16": math.inf}
-    for name in best:
+def time_each(work, options, repeats, warmups=2):
+    """The best seconds of work(option) for each option, alternated, so that other work on the machine slows all
+    alike. Each first runs `warmups` times untimed: oneDNN builds its kernels for a shape over the first calls
+    (20 ms, then 1 ms, on the Xeon, for a product that then takes 0.06 ms). An option over 3x slower than the
+    first after one timed call is given up on (an emulated bf16)."""
+    best = dict.fromkeys(options, math.inf)
+    for option in best:
         for _ in range(warmups):
-            work(getattr(torch, name))
+            work(option)
     for _ in range(repeats):
-        for name in best:
-            if name == "bfloat16" and 3 * best["float32"] < best[name] < math.inf:
+        for option in best:
+            if 3 * best[options[0]] < best[option] < math.inf:
                 continue
             start = time.perf_counter()
-            work(getattr(torch, name))
-            best[name] = min(best[name], time.perf_counter() - start)
+            work(option)
+            best[option] = min(best[option], time.perf_counter() - start)
     return best
 
 
+def in_each_dtype(work):
+    """work(dtype) as time_each's work over DTYPES, the dtypes' names."""
+    return lambda name: work(getattr(torch, name))
+
+
 def measure_product(use):
-    """time_both of one PROBE_SHAPES product: well under a second, even where bf16 is emulated."""
+    """time_each of one PROBE_SHAPES product in each dtype: well under a second, even where bf16 is emulated."""
     m, k, n, threads = PROBE_SHAPES[use]
     saved = torch.get_num_threads()
     torch.set_num_threads(threads or saved)
     try:
         a, b = torch.randn(m, k), torch.randn(k, n)
-        return time_both(lambda dtype: torch.matmul(a.to(dtype), b.to(dtype)), repeats=20)
+        return time_each(in_each_dtype(lambda dtype: torch.matmul(a.to(dtype), b.to(dtype))), DTYPES, repeats=20)
     finally:
         torch.set_num_threads(saved)
 
@@ -180,7 +186,7 @@ def cpu_dtype(use, step=None, shape=""):
         with torch.random.fork_rng(devices=[]):  # a probed run and a cached one draw the same random numbers
             times = measure_product("product" if use == "train" else use)
             if use == "train" and step and times["bfloat16"] < times["float32"]:
-                times = time_both(step, repeats=2, warmups=1)
+                times = time_each(in_each_dtype(step), DTYPES, repeats=2, warmups=1)
         cache.setdefault(key, {})[entry] = times
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)

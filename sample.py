@@ -12,10 +12,8 @@ definition of that layout, which sft.py trains on), and each reply ends at the t
 import contextlib
 import dataclasses
 import functools
-import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import configurator  # before torch: it sets OpenMP's wait policy
@@ -25,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from configurator import UserError
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, marker_ids, render_chat, sampleable_vocab_size
-from runtime import load_checkpoint, pick_device, pick_dtype
+from runtime import load_checkpoint, pick_device, pick_dtype, time_each
 
 
 @dataclass
@@ -220,19 +218,16 @@ def decoding_threads(model):
         return 1
     cache = model.new_kv_cache(1)
     token = torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device)
-    best = {1: math.inf, most: math.inf}
+
+    def four_tokens(threads):  # then rewound, so that every timing decodes at the same positions
+        torch.set_num_threads(threads)
+        for _ in range(4):
+            model(token, kv_cache=cache)
+        cache.pos -= 4
     try:
         with torch.no_grad():
             model(token.expand(1, 16), kv_cache=cache)
-            for attempt in range(4):  # the first untimed: each thread count's first calls set up its kernels
-                for threads in best:
-                    torch.set_num_threads(threads)
-                    start = time.perf_counter()
-                    for _ in range(4):
-                        model(token, kv_cache=cache)
-                    if attempt:
-                        best[threads] = min(best[threads], time.perf_counter() - start)
-                    cache.pos -= 4
+            best = time_each(four_tokens, (1, most), repeats=3, warmups=1)
     finally:
         torch.set_num_threads(most)
     choice = min(best, key=best.get)

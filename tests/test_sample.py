@@ -341,3 +341,17 @@ def test_a_system_message_without_chat_and_a_temperature_that_is_not_a_number_ar
     (tmp_path / "recipe.py").write_text("temperature = float('nan')\n")  # was torch.multinomial's traceback
     with pytest.raises(UserError, match="temperature must be a finite number, got nan"):
         sample.main([str(tmp_path / "recipe.py")])
+
+
+def test_decoding_threads_times_one_thread_and_all_and_leaves_both_as_they_were(capsys):
+    torch.set_num_threads(2)  # the one_thread fixture restores the count after the test
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sample.decoding_threads.cache_clear()
+    choice = sample.decoding_threads(model)
+    assert choice in (1, 2) and torch.get_num_threads() == 2
+    assert f"decoding on {choice} thread(s):" in capsys.readouterr().err
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with sample.decoding(model):
+        assert torch.get_num_threads() == choice
+    assert torch.get_num_threads() == 2

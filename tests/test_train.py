@@ -385,14 +385,14 @@ def test_the_probe_does_not_time_the_first_call_which_builds_the_kernels():
     def work(dtype):  # 50 ms and 20 ms on each dtype's first two calls, as oneDNN builds its kernels, then 1 ms
         time.sleep([0.05, 0.02, 0.001][min(calls.count(dtype), 2)])
         calls.append(dtype)
-    times = runtime.time_both(work, repeats=3)
+    times = runtime.time_each(runtime.in_each_dtype(work), runtime.DTYPES, repeats=3)
     assert times["float32"] < 0.015 and times["bfloat16"] < 0.015 and calls.count(torch.bfloat16) == 5
 
 
 def test_the_real_probe_times_a_real_training_step_and_leaves_no_trace():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
     step, shape = train.precision_probe(model, 4, torch.device("cpu"))
-    times = runtime.time_both(step, repeats=1)
+    times = runtime.time_each(runtime.in_each_dtype(step), runtime.DTYPES, repeats=1)
     assert all(0 < t < math.inf for t in times.values()) and shape.startswith("4 x 8 ")
     assert all(p.grad is None for p in model.parameters())
     assert 0 < runtime.measure_product("decode")["float32"] < math.inf
