@@ -12,7 +12,8 @@ transformers.AutoModelForCausalLM / AutoTokenizer, no custom code. What maps whe
     rope + rmsnorm + swiglu                                  -> LlamaForCausalLM
     rope + rmsnorm + swiglu + qk_norm, bias=False            -> Qwen3ForCausalLM
 
-Anything else (ReLU^2, MoE, mixed choices) has no standard architecture and is refused. config.json's
+A muP model's multipliers are folded into its weights first (without_mup), so transformers computes the
+same logits. Anything else (ReLU^2, MoE, mixed choices) has no standard architecture and is refused. config.json's
 vocab_size is the padded embedding table; generation_config.json suppresses the padding rows that are not
 special tokens, as sample.py does. Tokenizers: char -> a BPE with no merges, SentencePiece -> the Llama
 tokenizer, tiktoken -> the GPT-2 byte-level BPE; an SFT chat template -> the tokenizer's Jinja chat_template, and its
@@ -23,6 +24,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -105,6 +107,25 @@ def hf_config(c, arch, eps, special):
     if arch == "llama":
         return LlamaConfig(mlp_bias=c.bias, architectures=["LlamaForCausalLM"], **common)
     return Qwen3Config(use_sliding_window=False, architectures=["Qwen3ForCausalLM"], **common)
+
+
+def without_mup(model):
+    """A muP model's function in a GPT without muP, which transformers' architectures have no place for: the
+    logits' 1/m goes into the output head (untied from the embeddings, which keep theirs), the attention scale into
+    the queries (with QK-norm into q_norm, which would undo a scaled projection; RoPE, linear, commutes with it)."""
+    c = model.config
+    if not c.mup:
+        return model
+    plain = GPT(dataclasses.replace(c, mup=False, mup_base_width=0, tie_embeddings=False))
+    weights = {key: value.clone() for key, value in model.state_dict().items()}
+    weights["lm_head.weight"] /= c.width_ratio
+    query = c.attention_scale * math.sqrt(c.head_dim)  # transformers scores q.k / sqrt(head_dim)
+    for i in range(c.n_layer):
+        for name in ("q_norm.weight", "q_norm.bias") if c.qk_norm else ("q_proj.weight", "q_proj.bias"):
+            if f"transformer.h.{i}.attn.{name}" in weights:
+                weights[f"transformer.h.{i}.attn.{name}"] *= query
+    plain.load_state_dict(weights)
+    return plain.eval()
 
 
 def to_hf(model, arch, special=None):
@@ -238,6 +259,7 @@ def write_export(cfg, folder):
                         "transformers cannot run: it would encode other ids; only a tokenizer without a hook exports")
     model = GPT(c)
     model.load_state_dict(checkpoint["model"])
+    model = without_mup(model)
     tok = load_tokenizer(checkpoint["tokenizer"])
     # special ids: end-of-text, and chat markers given as ids in the embedding's padding rows
     template = checkpoint.get("chat_template") or {}

@@ -50,6 +50,9 @@ class GPTConfig:
     moe_every: int = 1               # after those, every k-th layer is MoE
     moe_bias_rate: float = 1e-3      # DeepSeek-V3's gamma, the step of the balancing bias
     moe_aux_loss: float = 0.0        # coefficient of the classic auxiliary balance loss; 0 = off
+    mup: bool = False                # muP (the table above GPT): learning rates tuned at mup_base_width hold at this width
+    mup_base_width: int = 0          # with mup, the n_embd the hyperparameters were tuned at
+    mup_base_head_dim: int = 0       # with mup, that model's head dimension; 0 = mup_base_width / n_head (the same heads)
 
     def __post_init__(self):
         for name, value in ((f.name, getattr(self, f.name)) for f in fields(self)):
@@ -67,6 +70,11 @@ class GPTConfig:
             require(self.n_embd % 8 == 0 and self.expert_width % 8 == 0,
                     f"MoE needs n_embd ({self.n_embd}) and the expert width ({self.expert_width}) in multiples of 8")
             require(self.moe_first_dense < self.n_layer, f"moe_first_dense ({self.moe_first_dense}) leaves no MoE layer")
+        if self.mup:
+            require(self.mup_base_width > 0, "mup needs mup_base_width, the n_embd its hyperparameters were tuned at")
+            require(self.mup_base_head_dim or self.mup_base_width % self.n_head == 0,
+                    f"mup_base_width ({self.mup_base_width}) is no multiple of n_head ({self.n_head}): give the base "
+                    "model's head dimension as mup_base_head_dim")
 
     # Derived sizes are properties, not fields set in __post_init__: a saved config keeps meaning "the default"
     @property
@@ -84,6 +92,14 @@ class GPTConfig:
     @property
     def expert_width(self):
         return self.moe_expert_hidden or self.mlp_width // 4
+
+    @property
+    def width_ratio(self):  # muP's width multiplier m; 1 without muP, where every rule of the table is GPT-2's
+        return self.n_embd / self.mup_base_width if self.mup else 1.0
+
+    @property
+    def attention_scale(self):  # None is SDPA's 1/sqrt(head_dim); muP's 1/head_dim, equal to it at the base width
+        return math.sqrt(self.mup_base_head_dim or self.mup_base_width // self.n_head) / self.head_dim if self.mup else None
 
     def is_moe_layer(self, layer):
         return self.moe_experts > 0 and layer >= self.moe_first_dense and (layer - self.moe_first_dense) % self.moe_every == 0
@@ -144,7 +160,7 @@ class CausalSelfAttention(nn.Module):
         # QK-norm bounds the attention logits, which otherwise can grow until training diverges (Dehghani et al. 2023)
         self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
-        self.dropout = config.dropout
+        self.dropout, self.scale = config.dropout, config.attention_scale
 
     def forward(self, x, rope=None, kv_cache=None):
         B, T, C = x.size()
@@ -165,7 +181,7 @@ class CausalSelfAttention(nn.Module):
             if start > 0 and T > 1:
                 attn_mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head)
+                                           is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -282,6 +298,19 @@ class Block(nn.Module):
         return x + self.resid_dropout(self.mlp(self.ln_2(x)))
 
 
+# muP, as "The Practitioner's Guide to the Maximal Update Parameterization" (EleutherAI and Cerebras 2024) writes
+# Tensor Programs V's Table 3 (Yang et al. 2022, arXiv:2203.03466), with m = n_embd / mup_base_width:
+#   embeddings wte, wpe             init std 0.02            AdamW lr x 1
+#   hidden matrices (in the blocks) init std 0.02 / sqrt(m)  AdamW lr / m, weight decay x m (the same decay per step)
+#   output head                     init std 0.02            AdamW lr x 1, logits / m
+#   attention scores                q.k / head_dim x sqrt(base head_dim), instead of q.k / sqrt(head_dim)
+#   biases, norms                   as without muP
+# Muon's matrices keep muon_lr: its orthogonalised update, scaled by sqrt(max(1, fan_out / fan_in)), already has
+# the spectral norm muP asks for (Yang, Simon and Bernstein 2023, arXiv:2310.17813). At m = 1 this is GPT-2's init.
+def is_hidden_matrix(name, p):
+    return p.ndim >= 2 and name.startswith("transformer.h.") and not name.endswith("bias")
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -300,11 +329,13 @@ class GPT(nn.Module):
         self.moe_layers = [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
         # GPT-2 initialisation: N(0, 0.02) for every matrix (expert stacks too), each residual branch's output scaled by
         # 1/sqrt(2 * n_layer) as 2 * n_layer branches add into the residual stream; biases 0, norms keep their 1s and 0s.
+        # muP narrows the hidden matrices by sqrt(m) more (the table above).
         for name, p in self.named_parameters():
             if name.endswith("bias"):  # the experts' stacked biases are 2-D: the name, not ndim, tells them apart
                 nn.init.zeros_(p)
             elif p.ndim >= 2:
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02)
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, std=std / math.sqrt(config.width_ratio) if is_hidden_matrix(name, p) else std)
 
     def forward(self, idx, targets=None, kv_cache=None):
         T, start = idx.size(1), (kv_cache.pos if kv_cache is not None else 0)
@@ -325,14 +356,18 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         if targets is None:  # inference: only the last position's logits are needed to sample
-            return self.lm_head(x[:, [-1], :]).float(), None
+            return self.logits(x[:, [-1], :]).float(), None
         # the loss in float32, the logits returned as computed: a float32 copy returned makes torch.compile write one
         # more batch x block x vocab tensor per step (6.6 GB at GPT-2's shape, batch 32); a cast inside the loss fuses
-        logits = self.lm_head(x)
+        logits = self.logits(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if self.training and self.config.moe_aux_loss > 0 and self.moe_layers:
             loss = loss + self.config.moe_aux_loss * sum(moe.aux_loss for moe in self.moe_layers)
         return logits, loss
+
+    def logits(self, x):
+        logits = self.lm_head(x)
+        return logits / self.config.width_ratio if self.config.mup else logits  # muP's output multiplier 1/m
 
     def param_counts(self):
         """Parameters in total, without the embeddings, and active per token (top_k of the routed experts). Embedding

@@ -473,51 +473,68 @@ def finished_run(path):
 def cmd_sweep(cfg, argv):
     """Every budget x shape as its own train.py run, stopped by --max_flops, then Approach 2 on the results.
     Runs that finished are kept, so rerunning the command resumes a sweep (delete sweep_dir to start over)."""
+    if cfg.plot:
+        configurator.check_writable(cfg.plot, "plot")
+    passthrough = prepare_for_sweep(argv, ScalingConfig, cfg.json)
+    # sweep defaults first, so that the user's own keys (a config file, --learning_rate=...) override them;
+    # one evaluation at the end (eval_interval beyond any run), short warmup for runs of a few hundred steps
+    defaults = ["--sample_tokens=0", "--eval_interval=1000000", "--log_interval=50", "--warmup_iters=20"]
+    grid = {os.path.join(cfg.sweep_dir, f"C{c:.0e}_L{layers}_E{width}"): (float(c), layers, width)
+             for c in cfg.budgets for layers, width in cfg.shapes}
+    runs = {run_dir: [*defaults, *passthrough, f"--max_flops={c}", "--max_iters=0", f"--n_layer={layers}",
+                      f"--n_embd={width}"] for run_dir, (c, layers, width) in grid.items()}
+    flops = {run_dir: c for run_dir, (c, _, _) in grid.items()}
+    todo = {out: args for out, args in runs.items() if finished_run(out) is None}
+    out = sys.stderr if cfg.json else sys.stdout  # with --json, stdout holds the JSON alone
+    print(f"sweep: {len(runs)} runs in {cfg.sweep_dir} ({len(runs) - len(todo)} already done)", file=out)
+    start, done_flops, left_flops, count = time.time(), 0.0, sum(flops[run] for run in todo), len(runs) - len(todo)
+    for run_dir, returncode in train_runs(todo, cfg.jobs):
+        if returncode:
+            raise UserError(f"train.py failed for {run_dir}: see {run_dir}/train.log")
+        done_flops += flops[run_dir]
+        count += 1
+        left = (time.time() - start) / done_flops * (left_flops - done_flops)
+        print(f"[{count}/{len(runs)}] {run_dir}: val loss {read_run(run_dir)['loss']:.4f}; "
+              f"{time.time() - start:.0f} s, about {left / 60:.1f} min left", file=out, flush=True)
+    cfg.plot = cfg.plot or os.path.join(cfg.sweep_dir, "isoflop.png")
+    return cmd_isoflop(cfg, list(runs))
+
+
+def prepare_for_sweep(argv, own_config, quiet):
+    """Run prepare.py with the arguments that are not the sweep's own (they go on to every train.py run, which
+    reads the same keys: a config file, --dataset=...); returns those arguments."""
+    own = set(own_config.__dataclass_fields__)
+    passthrough = [a for a in argv if a.endswith(".py") or a[2:].partition("=")[0].replace("-", "_") not in own]
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *passthrough],
+                          stdout=sys.stderr if quiet else None)
+    if done.returncode:
+        raise UserError("prepare.py failed (see above); the sweep trains on the data it writes")
+    return passthrough
+
+
+def train_runs(runs, jobs=0):
+    """Train each {run_dir: [train.py arguments]} as a train.py process of its own, `jobs` at a time (0: one per CPU
+    core without a GPU, one with it), its output in run_dir/train.log; yields (run_dir, exit status) as each ends.
+    A run left unfinished by an interrupted sweep starts over (--overwrite)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import torch
-    if cfg.plot:
-        configurator.check_writable(cfg.plot, "plot")
-    own = set(ScalingConfig.__dataclass_fields__)
-    passthrough = [a for a in argv if a.endswith(".py") or a[2:].partition("=")[0].replace("-", "_") not in own]
-    out = sys.stderr if cfg.json else sys.stdout  # with --json, stdout holds the JSON alone
-    if subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *passthrough], stdout=out).returncode:
-        raise UserError("prepare.py failed (see above); the sweep trains on the data it writes")
     gpu = torch.cuda.is_available()
-    jobs = cfg.jobs or (1 if gpu else len(os.sched_getaffinity(0)))
+    jobs = jobs or (1 if gpu else len(os.sched_getaffinity(0)))
     env = dict(os.environ)
     if not gpu:  # one thread per run: at these sizes runs sharing the cores with more threads ran several times slower
         env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // jobs)))
-    runs = {os.path.join(cfg.sweep_dir, f"C{c:.0e}_L{layers}_E{width}"): (float(c), int(layers), int(width))
-            for c in cfg.budgets for layers, width in cfg.shapes}
-    todo = {out: run for out, run in runs.items() if finished_run(out) is None}
-    print(f"sweep: {len(runs)} runs in {cfg.sweep_dir} ({len(runs) - len(todo)} already done), {jobs} at a time", file=out)
 
     def train_one(run_dir):
-        c, layers, width = todo[run_dir]
         os.makedirs(run_dir, exist_ok=True)
-        # sweep defaults first, so that the user's own keys (a config file, --learning_rate=...) override them;
-        # one evaluation at the end (eval_interval beyond any run), short warmup for runs of a few hundred steps;
-        # a run left unfinished by an interrupted sweep starts over (--overwrite)
-        command = [sys.executable, os.path.join(ROOT, "train.py"), "--sample_tokens=0", "--eval_interval=1000000",
-                   "--log_interval=50", "--warmup_iters=20", *passthrough, f"--out_dir={run_dir}", f"--max_flops={c}",
-                   "--max_iters=0", f"--n_layer={layers}", f"--n_embd={width}", "--overwrite=True"]
+        command = [sys.executable, os.path.join(ROOT, "train.py"), *runs[run_dir], f"--out_dir={run_dir}", "--overwrite=True"]
         with open(os.path.join(run_dir, "train.log"), "w") as f:
             return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
-    start, done_flops, left_flops, count = time.time(), 0.0, sum(run[0] for run in todo.values()), len(runs) - len(todo)
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(train_one, out): out for out in todo}
+        futures = {pool.submit(train_one, run_dir): run_dir for run_dir in runs}
         for future in as_completed(futures):
-            if future.result():
-                raise UserError(f"train.py failed for {futures[future]}: see {futures[future]}/train.log")
-            done_flops += todo[futures[future]][0]
-            count += 1
-            left = (time.time() - start) / done_flops * (left_flops - done_flops)
-            print(f"[{count}/{len(runs)}] {futures[future]}: val loss {read_run(futures[future])['loss']:.4f}; "
-                  f"{time.time() - start:.0f} s, about {left / 60:.1f} min left", file=out, flush=True)
-    cfg.plot = cfg.plot or os.path.join(cfg.sweep_dir, "isoflop.png")
-    return cmd_isoflop(cfg, list(runs))
+            yield futures[future], future.result()
 
 
 def cmd_plan(cfg, argv):
@@ -546,6 +563,8 @@ def cmd_plan(cfg, argv):
     law = resolve_law(cfg.law)
     G, a = optimal_split(law)
     n_opt = G * (flops / 6) ** a
+    mup = transferred_mup(overrides)
+    overrides = {**overrides, **mup}
     # Shape: nanochat's single dial, width = 64 x depth with 64-wide heads; the blocks hold about 12 L d^2 =
     # 49,152 L^3 parameters, so L follows from N. The head counts too, so the depths around that are counted.
     def shaped(depth):
@@ -560,31 +579,54 @@ def cmd_plan(cfg, argv):
     # DeepSeek LLM's fits of the best batch (tokens) and AdamW learning rate against compute (arXiv:2401.02954, eq. 1)
     micro = cfg.plan_block_size * min(16, max(1, int(0.292 * flops ** 0.3271) // cfg.plan_block_size)) * cfg.gpus
     batch_tokens = max(1, round(0.292 * flops ** 0.3271 / micro)) * micro
-    learning_rate = 0.3118 * flops ** -0.125
+    learning_rate = train_cfg.learning_rate if mup else 0.3118 * flops ** -0.125
     steps = int(tokens // batch_tokens)
     result = dict(hours=hours, flops=flops, mfu=mfu, law=cfg.law, vocab_size=vocab, vocab_source=vocab_source,
                   N_opt=n_opt, N=n, tokens=tokens, steps=steps,
-                  batch_tokens=batch_tokens, learning_rate=learning_rate, shape=shape,
+                  batch_tokens=batch_tokens, learning_rate=learning_rate, shape=shape, mup=mup,
                   expected_loss=predicted_loss(law, n, tokens), config=cfg.plan_out)
-    with open(cfg.plan_out, "w") as f:
-        f.write(f"# written by: python scaling.py plan {' '.join(argv)}\n"
-                f"# vocabulary {vocab:,} from {vocab_source}\n"
-                f"# {cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * mfu:.0f}% MFU = {flops:.3g} FLOPs; law {cfg.law}: "
-                f"N_opt {n_opt:.3g}, this shape N = {n:,} active non-embedding parameters, {tokens:.3g} tokens, "
-                f"expected loss {result['expected_loss']:.3f} (in the law's data and tokenizer)\n"
-                f"# combine with a data recipe: python train.py config/gpt_51m.py {cfg.plan_out}\n")
-        settings = {**shape, "batch_size": micro // cfg.plan_block_size // cfg.gpus, "batch_tokens": batch_tokens,
-                    "learning_rate": float(f"{learning_rate:.3g}"), "warmup_iters": max(1, min(1000, steps // 20)),
-                    "max_iters": 0, "max_tokens": 0, "max_flops": float(f"{flops:.4g}")}
-        f.writelines(f"{key} = {value!r}\n" for key, value in settings.items())
+    from runtime import write_atomically
+    settings = {**shape, "batch_size": micro // cfg.plan_block_size // cfg.gpus, "batch_tokens": batch_tokens,
+                "learning_rate": float(f"{learning_rate:.3g}"), "warmup_iters": max(1, min(1000, steps // 20)),
+                "max_iters": 0, "max_tokens": 0, "max_flops": float(f"{flops:.4g}"), **mup}
+    write_atomically(cfg.plan_out, f"# written by: python scaling.py plan {' '.join(argv)}\n"
+                     f"# vocabulary {vocab:,} from {vocab_source}\n"
+                     f"# {cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * mfu:.0f}% MFU = {flops:.3g} FLOPs; "
+                     f"law {cfg.law}: N_opt {n_opt:.3g}, this shape N = {n:,} active non-embedding parameters, "
+                     f"{tokens:.3g} tokens, expected loss {result['expected_loss']:.3f} (in the law's data and tokenizer)\n"
+                     f"# combine with a data recipe: python train.py config/gpt_51m.py {cfg.plan_out}\n"
+                     + "".join(f"{key} = {value!r}\n" for key, value in settings.items()))
     if cfg.json:
         return result
     print(f"{cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * mfu:.0f}% MFU: {flops:.3g} FLOPs")
     print(f"vocabulary {vocab:,} from {vocab_source} (--vocab_size or --dataset to plan for another)")
     print(f"compute-optimal under {cfg.law}: N {n_opt:.3g}; chosen {depth} layers x {64 * depth} wide = {n:,} parameters, "
           f"{tokens:.3g} tokens ({tokens / n:.0f} per parameter), {steps:,} steps of {batch_tokens:,} tokens, "
-          f"lr {learning_rate:.3g}; expected loss {result['expected_loss']:.3f}")
+          f"lr {learning_rate:.3g}{mup_note(mup, shape)}; expected loss {result['expected_loss']:.3f}")
     print(f"wrote {cfg.plan_out}")
+
+
+def transferred_mup(overrides):
+    """With --mup=True the plan keeps the learning rate given (tuned on the muP proxy of width mup_base_width, e.g.
+    by mup.py sweep) instead of DeepSeek's fit, and the proxy's head dimension, since the plan's heads are 64 wide.
+    muP transfers across width; the batch and the length of training still come from the fits above."""
+    import train
+    if not overrides.get("mup"):
+        return {}
+    if "learning_rate" not in overrides or not overrides.get("mup_base_width"):
+        raise UserError("--mup=True plans with what a muP proxy was tuned at: give --mup_base_width (its n_embd) and "
+                        "--learning_rate (its best, e.g. from python mup.py sweep)")
+    base_width, heads = overrides["mup_base_width"], overrides.get("n_head", train.DEFAULT_MODEL["n_head"])
+    if not overrides.get("mup_base_head_dim") and base_width % heads:
+        raise UserError(f"--mup_base_width={base_width} is no multiple of the proxy's n_head ({heads}): "
+                        "give --mup_base_head_dim")
+    return dict(mup=True, mup_base_width=base_width, mup_base_head_dim=overrides.get("mup_base_head_dim") or base_width // heads)
+
+
+def mup_note(mup, shape):
+    if not mup:
+        return ""
+    return f" tuned at width {mup['mup_base_width']} under muP (hidden matrices at lr x {mup['mup_base_width']}/{shape['n_embd']})"
 
 
 COMMANDS = dict(fit=cmd_fit, isoflop=cmd_isoflop, sweep=cmd_sweep, table=cmd_table, mfu=cmd_mfu, plan=cmd_plan)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import UserError, locked_folder
-from model import GPT, GPTConfig, PRESETS
+from model import GPT, GPTConfig, PRESETS, is_hidden_matrix
 from prepare import load_meta
 from runtime import (StopSignals, autocast_to, compile_wanted, cpu_dtype, end_process, load_checkpoint, load_init, mfu,
                      peak_flops, precision, restore_training, save_checkpoint, start_process, training_snapshot,
@@ -466,19 +466,23 @@ def make_optimizers(model, cfg, device):
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if cfg.optimizer == "muon":
         # the MoE router is a classifier over experts, not a hidden layer: AdamW, as the embeddings
-        hidden = {n: p for n, p in params.items()
-                  if p.ndim == 2 and n.startswith("transformer.h.") and ".router." not in n and not n.endswith(".bias")}
+        hidden = {n: p for n, p in params.items() if is_hidden_matrix(n, p) and p.ndim == 2 and ".router." not in n}
     elif cfg.optimizer == "adamw":
         hidden = {}
     else:
         raise UserError(f"optimizer must be adamw or muon, got {cfg.optimizer!r}")
     rest = [(n, p) for n, p in params.items() if n not in hidden]
     # weight decay on matrices only, never on norms and biases (GPT-2, nanoGPT); the MoE's stacked expert
-    # biases are 2-D, and the stacked expert weights 3-D, which torch's Muon does not take: AdamW
-    matrix = {n for n, p in rest if p.ndim >= 2 and not n.endswith(".bias")}
+    # biases are 2-D, and the stacked expert weights 3-D, which torch's Muon does not take: AdamW.
+    # muP's hidden matrices (model.py's table) are a group of their own, at lr / m and weight decay x m.
+    m = model.config.width_ratio
+    scaled = {n for n, p in rest if model.config.mup and is_hidden_matrix(n, p)}
+    matrix = {n for n, p in rest if p.ndim >= 2 and not n.endswith(".bias")} - scaled
     groups = [{"params": [p for n, p in rest if n in matrix], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in rest if n not in matrix], "weight_decay": 0.0}]
-    optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+              {"params": [p for n, p in rest if n in scaled], "lr": cfg.learning_rate / m,
+               "weight_decay": cfg.weight_decay * m},
+              {"params": [p for n, p in rest if n not in matrix | scaled], "weight_decay": 0.0}]
+    optimizers = [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                     fused=device.type == "cuda")]
     if hidden:
         if device.type == "cpu" and cpu_dtype("product") == "float32":

@@ -101,6 +101,23 @@ def test_transformers_computes_what_model_py_computes_and_the_weights_come_back(
         export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_mup_model_exports_with_its_multipliers_folded_into_the_weights(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+    model = write_run(tmp_path / "run", **ARCHS[arch], mup=True, mup_base_width=32)  # m = 2, base heads 8 wide
+    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert not hf.config.tie_word_embeddings  # the head carries the logits' 1/m, the embeddings do not
+    x = torch.randint(0, 66, (2, 40))
+    with torch.no_grad():
+        ours, theirs = model(x, x)[0], hf(x).logits
+        plain = GPT(dataclasses.replace(model.config, mup=False, mup_base_width=0))
+        plain.load_state_dict(model.state_dict())
+        unfolded, _ = plain(x, x)
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (unfolded - theirs).abs().max() > 1e-2  # the same weights without the multipliers: other logits
+
+
 def test_gpt2_without_biases_and_with_grouped_kv_heads_is_still_gpt2(tmp_path):
     from transformers import AutoModelForCausalLM
     model = write_run(tmp_path / "run", **dict(PRESETS["classic"], bias=False, n_kv_head=2, tie_embeddings=False))

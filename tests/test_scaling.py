@@ -153,6 +153,27 @@ def test_plan_writes_a_config_that_train_py_runs(tmp_path, monkeypatch, capsys):
     assert "# vocabulary 50,257 from --vocab_size" in open("plan.py").read()
 
 
+def test_plan_under_mup_keeps_the_proxy_s_learning_rate_and_trains_at_the_planned_width(tmp_path, monkeypatch, capsys):
+    import prepare
+    import runtime
+    import train
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question\n" * 400)
+    prepare.main(["--source=corpus.txt", "--dataset=tiny"])
+    capsys.readouterr()
+    argv = ["plan", "--gpu=H100", "--hours=2e-6", "--law=epoch", "--dataset=tiny", "--plan_block_size=32", "--plan_out=plan.py"]
+    standard = run_json(argv, capsys)
+    plan = run_json(argv + ["--mup=True", "--mup_base_width=32", "--learning_rate=0.004"], capsys)
+    assert plan["learning_rate"] == 0.004 != standard["learning_rate"] and plan["shape"] == standard["shape"]
+    assert plan["mup"] == dict(mup=True, mup_base_width=32, mup_base_head_dim=8)  # the proxy's 4 heads (train.py's default)
+    train.main(["plan.py", "--dataset=tiny", "--out_dir=run", "--max_iters=2", "--eval_iters=2", "--sample_tokens=0"])
+    checkpoint = runtime.load_checkpoint("run/ckpt.pt")  # the parametrization travels with the weights
+    assert checkpoint["model_config"]["mup"] and checkpoint["model_config"]["n_embd"] == plan["shape"]["n_embd"]
+    assert checkpoint["config"]["learning_rate"] == 0.004
+    with pytest.raises(scaling.UserError, match="give --mup_base_width"):
+        scaling.main(argv + ["--mup=True", "--mup_base_width=32"])
+
+
 def test_bad_input_is_one_line(tmp_path):
     bad_csv = write_csv(tmp_path / "bad.csv", {"params": [1e6], "accuracy": [0.5]})
     empty_run = tmp_path / "run"
