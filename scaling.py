@@ -533,8 +533,11 @@ def train_runs(runs, jobs=0):
 
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(train_one, run_dir): run_dir for run_dir in runs}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:  # a failed run, or a failure reading one, stops the queue: only the runs in flight finish
+            pool.shutdown(cancel_futures=True)
 
 
 def cmd_plan(cfg, argv):
