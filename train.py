@@ -651,10 +651,13 @@ class NonfiniteGuard:
 
     Where every optimizer takes a found_inf tensor (fused AdamW: CUDA), the step is skipped on the device and the
     host waits for nothing: the flags are read together at settle(), which the loop calls at every log line,
-    evaluation and stop. A run of nan_patience bad steps is then noticed there, up to log_interval - 1 steps late;
-    the rollback is the same, since ckpt.pt was written at an evaluation, which settles first: the steps taken
-    after the bad ones are discarded with it. Elsewhere (Muon, fp16's scaler, the CPU's unfused AdamW, whose
-    numbers fused would change) the flag is read once per step and settle() runs on every step."""
+    evaluation, the last step and any stop. The rollback then comes at the first of those at or after the
+    nan_patience-th bad step in a row, at most min(log_interval, eval_interval) - 1 steps after it, and is the same
+    rollback: ckpt.pt was written at an evaluation, which settles first, so it predates every unread step, and the
+    steps taken after the bad ones are discarded with it. (A skip before fused AdamW's first step leaves its state
+    created at zero, which the next step reads exactly as no state.) Elsewhere (Muon; fp16's scaler; FSDP, whose
+    sharded parameters were not tried with found_inf; the CPU's unfused AdamW, whose last bits fused would change)
+    the flag is read once per step and settle() runs on every step."""
 
     def __init__(self, run):
         self.run, self.pending, self.in_a_row, self.last_skipped = run, [], 0, False
