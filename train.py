@@ -128,13 +128,16 @@ def train(run, stop):
     cfg, model, T = run.cfg, run.model, run.model_cfg.block_size
     state = restore(run, run.resumed) if run.resumed else TrainState()
     clock = Clock(state.elapsed)
+    guard = NonfiniteGuard(run)
     if state.step == 0:
         checkpoint(run, state, clock, evaluate_first=True)
-    nonfinite_in_a_row = 0
     while True:
         reason = stop_reason(run, state, stop, clock.elapsed())
-        if reason:
-            return finish(run, state, clock, reason, by_signal=stop.signum is not None)
+        if reason:  # the steps not yet checked are checked first: a rollback among them continues the run
+            state, rolled_back = guard.settle(state, clock)
+            if not rolled_back:
+                return finish(run, state, clock, reason, by_signal=stop.signum is not None)
+            continue
         set_learning_rate(run.optimizers, learning_rate_scale(state.step, progress(run, state, clock), cfg) * state.lr_scale)
 
         # every process draws all processes' offsets from one generator and takes its share, so one process
@@ -148,31 +151,23 @@ def train(run, stop):
             run.scaler.scale(loss / run.accum_steps).backward()
             loss_sum += loss.detach()
             moe_load = add_load(moe_load, run.raw_model.moe_load())
-        train_loss = mean_over_processes(loss_sum, run.world).item() / run.accum_steps
+        loss_sum = mean_over_processes(loss_sum, run.world)  # on the device: read only when a line is logged
         for opt in run.optimizers:
             run.scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or float("inf"))
 
-        # with fp16 the scaler itself skips steps whose gradients overflow; a bad loss is always ours to handle
-        if not math.isfinite(train_loss) or (not run.scaler.is_enabled() and not torch.isfinite(grad_norm)):
-            nonfinite_in_a_row += 1
-            skip_step(run, state, clock, nonfinite_in_a_row)
-            if nonfinite_in_a_row >= cfg.nan_patience:
-                state, nonfinite_in_a_row = roll_back(run, state, nonfinite_in_a_row), 0
-            continue
-        for opt in run.optimizers:
-            run.scaler.step(opt)
-            opt.zero_grad(set_to_none=True)
-        run.scaler.update()
-        balance_experts(run, moe_load)
-        nonfinite_in_a_row = 0
+        # a non-finite step updates nothing; the guard reads its flag now or, skipped on the device, at the next line
+        bad = nonfinite(run, loss_sum, grad_norm)
+        guard.step_optimizers(bad)
+        balance_experts(run, moe_load, bad)
         state.step += 1
-        state.tokens += run.batch_tokens
-        state.flops += run.flops_per_token * run.batch_tokens
-        clock.count(run.batch_tokens)
-
-        if state.step % cfg.log_interval == 0 or state.step == run.total_steps:
-            log_progress(run, state, clock, train_loss, grad_norm, moe_load)
+        logged = state.step % cfg.log_interval == 0 or state.step == run.total_steps
+        if logged or state.step % cfg.eval_interval == 0 or not guard.skips_on_device:
+            state, rolled_back = guard.settle(state, clock)
+            if rolled_back:
+                continue
+        if logged and not guard.last_skipped:
+            log_progress(run, state, clock, loss_sum, grad_norm, moe_load)
         if state.step % cfg.eval_interval == 0:
             checkpoint(run, state, clock, evaluate_first=True)
         agree_on_stop(run, stop)
@@ -634,34 +629,97 @@ def add_load(total, load):
     return load if total is None else total + load
 
 
-def balance_experts(run, moe_load):
-    """DeepSeek-V3's loss-free balancing, after the optimizer step, on the load of every process."""
+def balance_experts(run, moe_load, bad):
+    """DeepSeek-V3's loss-free balancing, after the optimizer step, on the load of every process. A skipped step
+    moves no bias: a load of zero on every expert is no expert above the mean, none below."""
     if moe_load is not None:
+        moe_load = torch.where(bad, 0, moe_load)
         if run.world > 1:
             dist.all_reduce(moe_load)
         run.raw_model.update_moe_bias(moe_load)
 
 
-def skip_step(run, state, clock, in_a_row):
-    """A non-finite loss or gradient: no update, the step counted and logged as skipped."""
-    for opt in run.optimizers:
-        opt.zero_grad(set_to_none=True)
-    run.scaler.update()
-    state.step += 1
-    run.say(f"step {state.step}: non-finite loss or gradient, step skipped ({in_a_row} in a row)")
-    run.log.write(dict(step=state.step, skipped=True, train_loss=None, tokens=state.tokens, flops=state.flops,
-                       elapsed=clock.elapsed()))
+def nonfinite(run, loss_sum, grad_norm):
+    """One flag on the device: the step's loss, or its gradient norm, is not finite. With fp16 the scaler skips
+    the steps whose gradients overflow itself; a bad loss is always ours to handle."""
+    if run.world > 1 and run.cfg.fsdp:  # FSDP's norm is a DTensor, over the shards of every process
+        grad_norm = grad_norm.full_tensor()
+    bad = ~torch.isfinite(loss_sum)
+    return bad if run.scaler.is_enabled() else bad | ~torch.isfinite(grad_norm)
 
 
-def roll_back(run, state, in_a_row):
-    """After nan_patience non-finite steps in a row: back to ckpt.pt with a lower learning rate, or stop."""
-    if state.rollbacks >= run.cfg.max_rollbacks or not os.path.exists(run.ckpt_path):
-        raise UserError(f"training diverged: {in_a_row} non-finite losses in a row at step {state.step}; "
-                        "lower learning_rate or raise warmup_iters")
-    rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * run.cfg.nan_lr_factor
-    state = dataclasses.replace(restore(run, load_checkpoint(run.ckpt_path)), rollbacks=rollbacks, lr_scale=lr_scale)
-    run.say(f"rolled back to step {state.step} from {run.ckpt_path}; learning rate now x{lr_scale:g}")
-    return state
+class NonfiniteGuard:
+    """Non-finite steps update nothing (parameters, optimizer moments and step counts, expert biases stay bit for
+    bit what they were); they count as steps, each logged as skipped, and after nan_patience of them in a row the
+    run rolls back to ckpt.pt with a lower learning rate.
+
+    Where every optimizer takes a found_inf tensor (fused AdamW: CUDA), the step is skipped on the device and the
+    host waits for nothing: the flags are read together at settle(), which the loop calls at every log line,
+    evaluation, the last step and any stop. The rollback then comes at the first of those at or after the
+    nan_patience-th bad step in a row, at most min(log_interval, eval_interval) - 1 steps after it, and is the same
+    rollback: ckpt.pt was written at an evaluation, which settles first, so it predates every unread step, and the
+    steps taken after the bad ones are discarded with it. (A skip before fused AdamW's first step leaves its state
+    created at zero, which the next step reads exactly as no state.) Elsewhere (Muon; fp16's scaler; FSDP, whose
+    sharded parameters were not tried with found_inf; the CPU's unfused AdamW, whose last bits fused would change)
+    the flag is read once per step and settle() runs on every step."""
+
+    def __init__(self, run):
+        self.run, self.pending, self.in_a_row, self.last_skipped = run, [], 0, False
+        # the protocol torch.amp.GradScaler drives fused optimizers by (torch/amp/grad_scaler.py, step())
+        self.skips_on_device = (not run.scaler.is_enabled() and not (run.world > 1 and run.cfg.fsdp)
+                                and all(getattr(opt, "_step_supports_amp_scaling", False) for opt in run.optimizers))
+
+    def step_optimizers(self, bad):
+        """Step every optimizer unless `bad`. Fused AdamW adds 1 to its step counts, updates nothing where
+        found_inf is 1, and subtracts found_inf from the counts again (torch/optim/adam.py, _fused_adam)."""
+        run = self.run
+        if self.skips_on_device:
+            found_inf = bad.float()
+            for opt in run.optimizers:
+                opt.found_inf = found_inf
+                opt.step()
+                del opt.found_inf
+        else:
+            bad = bad.item()  # the step's one host read
+            if not bad:
+                for opt in run.optimizers:
+                    run.scaler.step(opt)
+        for opt in run.optimizers:
+            opt.zero_grad(set_to_none=True)
+        run.scaler.update()
+        self.pending.append(bad)
+
+    def settle(self, state, clock):
+        """Account for the steps taken since the last call, in order: a good one's tokens, a skipped one's line. Returns
+        the state to go on from and whether it is a rollback's."""
+        run, first = self.run, state.step - len(self.pending) + 1
+        flags = torch.stack(self.pending).tolist() if self.skips_on_device and self.pending else self.pending
+        self.pending = []
+        for step, bad in enumerate(flags, start=first):
+            self.in_a_row, self.last_skipped = (self.in_a_row + 1 if bad else 0), bool(bad)
+            if not bad:
+                state.tokens += run.batch_tokens
+                state.flops += run.flops_per_token * run.batch_tokens
+                clock.count(run.batch_tokens)
+                continue
+            run.say(f"step {step}: non-finite loss or gradient, step skipped ({self.in_a_row} in a row)")
+            run.log.write(dict(step=step, skipped=True, train_loss=None, tokens=state.tokens, flops=state.flops,
+                               elapsed=clock.elapsed()))
+            if self.in_a_row >= run.cfg.nan_patience:
+                return self.roll_back(state, step), True
+        return state, False
+
+    def roll_back(self, state, step):
+        """Back to ckpt.pt with a lower learning rate, or stop when no rollback is left."""
+        run = self.run
+        if state.rollbacks >= run.cfg.max_rollbacks or not os.path.exists(run.ckpt_path):
+            raise UserError(f"training diverged: {self.in_a_row} non-finite losses in a row at step {step}; "
+                            "lower learning_rate or raise warmup_iters")
+        rollbacks, lr_scale = state.rollbacks + 1, state.lr_scale * run.cfg.nan_lr_factor
+        state = dataclasses.replace(restore(run, load_checkpoint(run.ckpt_path)), rollbacks=rollbacks, lr_scale=lr_scale)
+        run.say(f"rolled back to step {state.step} from {run.ckpt_path}; learning rate now x{lr_scale:g}")
+        self.in_a_row = 0
+        return state
 
 
 def stop_reason(run, state, stop, elapsed):
@@ -778,7 +836,8 @@ def restore(run, checkpoint):
     return state
 
 
-def log_progress(run, state, clock, train_loss, grad_norm, moe_load):
+def log_progress(run, state, clock, loss_sum, grad_norm, moe_load):
+    train_loss = loss_sum.item() / run.accum_steps  # the mean over the micro-steps of this step
     tok_per_sec, state.elapsed = clock.throughput(), clock.elapsed()
     utilization = mfu(run.flops_per_token, tok_per_sec, run.peak * run.world if run.peak else None)
     remaining = [(run.total_steps - state.step) * run.batch_tokens / tok_per_sec] if run.total_steps else []

@@ -135,7 +135,8 @@ def test_corrupted_or_missing_checkpoint_is_one_clear_line(tiny_data):
 
 
 def poison_forward(monkeypatch, bad_calls):
-    """Make the model's loss NaN on the given forward calls (counted over training forwards only)."""
+    """Make the model's loss NaN on the given forward calls (counted over training forwards only: pass --dtype=float32,
+    or dtype=auto's probe, when not yet cached, makes forwards of its own)."""
     real_forward = model_module.GPT.forward
     calls = {"n": 0}
 
@@ -152,7 +153,7 @@ def poison_forward(monkeypatch, bad_calls):
 
 def test_a_nan_loss_is_skipped_and_never_saved(tiny_data, monkeypatch):
     poison_forward(monkeypatch, bad_calls={6, 7})
-    train.main(TINY + ["--out_dir=run", "--max_iters=12", "--eval_interval=6", "--log_interval=1"])
+    train.main(TINY + ["--dtype=float32", "--out_dir=run", "--max_iters=12", "--eval_interval=6", "--log_interval=1"])
     skipped = [r["step"] for r in read_log("run") if r.get("skipped")]
     assert skipped == [6, 7]
     weights = runtime.load_checkpoint("run/ckpt.pt")["model"]
@@ -162,7 +163,7 @@ def test_a_nan_loss_is_skipped_and_never_saved(tiny_data, monkeypatch):
 
 def test_nan_losses_in_a_row_roll_back_with_a_lower_learning_rate(tiny_data, monkeypatch, capsys):
     poison_forward(monkeypatch, bad_calls={9, 10, 11})
-    train.main(TINY + ["--out_dir=run", "--max_iters=14", "--eval_interval=4", "--nan_patience=3"])
+    train.main(TINY + ["--dtype=float32", "--out_dir=run", "--max_iters=14", "--eval_interval=4", "--nan_patience=3"])
     assert "rolled back to step 8" in capsys.readouterr().out
     state = runtime.load_checkpoint("run/ckpt.pt")["state"]
     assert state["rollbacks"] == 1 and state["lr_scale"] == 0.5 and state["step"] == 14
@@ -171,7 +172,84 @@ def test_nan_losses_in_a_row_roll_back_with_a_lower_learning_rate(tiny_data, mon
 def test_nan_losses_with_no_rollback_left_stop_with_a_message(tiny_data, monkeypatch):
     poison_forward(monkeypatch, bad_calls=set(range(1, 100)))
     with pytest.raises(UserError, match="training diverged"):
-        train.main(TINY + ["--out_dir=run", "--max_iters=10", "--nan_patience=2"])
+        train.main(TINY + ["--dtype=float32", "--out_dir=run", "--max_iters=10", "--nan_patience=2"])
+
+
+def fused_adamw_on_the_cpu(monkeypatch):
+    """The found_inf path CUDA takes (fused AdamW skips a step on the device), on the CPU, whose fused AdamW takes
+    found_inf too; train.py keeps the unfused one there, whose numbers fused would change in the last bits."""
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *args, fused=None, **kwargs: real(*args, fused=True, **kwargs))
+
+
+def tensors_of(tree):
+    """{path: tensor} for every tensor in nested dicts and lists (a checkpoint's model and optimizer state)."""
+    if isinstance(tree, torch.Tensor):
+        return {"": tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {f"{key}/{path}": t for key, value in items for path, t in tensors_of(value).items()}
+
+
+MOE = ["--moe_experts=4", "--moe_top_k=2", "--moe_expert_hidden=16", "--moe_first_dense=1"]
+
+
+@pytest.mark.parametrize("optimizer, fused, model_args", [("adamw", False, []), ("adamw", True, []), ("muon", False, []),
+                                                           ("adamw", True, MOE), ("adamw", False, MOE)])
+def test_a_skipped_step_leaves_weights_and_optimizer_state_bit_identical(tiny_data, monkeypatch, optimizer, fused,
+                                                                         model_args):
+    # warmup longer than the run: the learning rate of steps 1-5 does not depend on the budget
+    args = TINY + model_args + ["--dtype=float32", "--warmup_iters=100", "--eval_interval=100", f"--optimizer={optimizer}"]
+    if fused:
+        fused_adamw_on_the_cpu(monkeypatch)
+    train.main(args + ["--out_dir=five", "--max_iters=5"])
+    poison_forward(monkeypatch, bad_calls={6})
+    train.main(args + ["--out_dir=six", "--max_iters=6"])
+    assert [r["step"] for r in read_log("six") if r.get("skipped")] == [6]
+    five, six = (runtime.load_checkpoint(f"{run}/ckpt.pt") for run in ("five", "six"))
+    assert six["state"]["step"] == 6 and six["state"]["tokens"] == five["state"]["tokens"]
+    before = tensors_of(dict(model=five["model"], optimizers=five["optimizers"]["state"]))
+    after = tensors_of(dict(model=six["model"], optimizers=six["optimizers"]["state"]))
+    assert before.keys() == after.keys() and any("exp_avg_sq" in path for path in before)
+    assert [path for path in before if not torch.equal(before[path], after[path])] == []
+
+
+@pytest.mark.parametrize("fused, reads", [(False, 1), (True, 0)])
+def test_an_ordinary_step_reads_a_device_value_once_or_never(tiny_data, monkeypatch, fused, reads):
+    """train.py's own reads of tensor values into Python per step (each would make the host wait for a GPU), as the
+    difference of runs 4 steps apart, which log, evaluate and checkpoint only at their end: one read of the
+    non-finite flag with the CPU's unfused AdamW, none where fused AdamW skips on the device."""
+    if fused:
+        fused_adamw_on_the_cpu(monkeypatch)
+    counts = []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            counts[-1] += sys._getframe(1).f_code.co_filename == train.__file__
+            return real(self, *args)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    for steps in (4, 8):
+        counts.append(0)
+        train.main(TINY + ["--dtype=float32", f"--out_dir=run{steps}", f"--max_iters={steps}", f"--log_interval={steps}",
+                           f"--eval_interval={steps}"])
+    assert (counts[1] - counts[0]) / 4 == reads
+
+
+def test_a_flag_read_late_is_logged_in_order_and_rolls_back_after_nan_patience(tiny_data, monkeypatch, capsys):
+    """With the skip on the device, the flags of steps 9-11 are read at step 12's evaluation: the skipped lines come
+    out in step order, and the rollback to step 8 happens there, as it would have at step 11."""
+    fused_adamw_on_the_cpu(monkeypatch)
+    poison_forward(monkeypatch, bad_calls={9, 10, 11})
+    train.main(TINY + ["--dtype=float32", "--out_dir=run", "--max_iters=14", "--eval_interval=4", "--log_interval=20"])
+    out = capsys.readouterr().out
+    assert out.index("step 9: non-finite") < out.index("skipped (3 in a row)") < out.index("rolled back to step 8")
+    assert [r["step"] for r in read_log("run") if r.get("skipped")] == [9, 10, 11]
+    state = runtime.load_checkpoint("run/ckpt.pt")["state"]
+    assert state["rollbacks"] == 1 and state["lr_scale"] == 0.5 and state["step"] == 14 and state["tokens"] == 14 * 8 * 32
 
 
 def test_wandb_without_its_package_is_one_clear_line_before_anything_is_written(tiny_data, monkeypatch):
