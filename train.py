@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,12 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import UserError, locked_folder
+from configurator import UserError
 from model import GPT, GPTConfig, PRESETS, is_hidden_matrix
 from prepare import load_meta
-from runtime import (StopSignals, autocast_to, compile_wanted, cpu_dtype, end_process, load_checkpoint, load_init, mfu,
-                     peak_flops, precision, restore_training, save_checkpoint, start_process, training_snapshot,
-                     write_atomically)
+from runtime import (StopSignals, autocast_to, compile_wanted, cpu_dtype, end_process, holding_out_dir, load_checkpoint,
+                     load_init, load_resumed, mfu, open_run_dir, peak_flops, precision, restore_training, save_checkpoint,
+                     start_process, training_snapshot, write_atomically)
 from tokenizer import load_tokenizer
 
 @dataclass
@@ -312,57 +311,6 @@ def import_wandb():
     return wandb
 
 
-def holding_out_dir(out_dir, rank):
-    """The first process holds out_dir (made if missing) for the whole run; a second run there stops at once."""
-    return locked_folder(out_dir, os.path.basename(sys.argv[0]) or "train.py") if rank == 0 else contextlib.nullcontext()
-
-
-def load_resumed(cfg, data, say):
-    """out_dir/ckpt.pt, once it is known to be this run's, of this data, and resumable by this command."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    resumed = load_checkpoint(path)
-    missing = sorted({"optimizers", "state", "rng", "config", "model_config"} - resumed.keys())
-    if missing:
-        raise UserError(f"{path} has no {', '.join(missing)}: it holds weights to start from, not a run to resume; "
-                        "use --init_from instead")
-    if "sft" in resumed and "sft" not in data.checkpoint_fields:
-        raise UserError(f"{path} is a fine-tuning run of sft.py: resume it with python sft.py --resume (its chat data "
-                        "and template are sft.py's)")
-    if not same_data(resumed, data.checkpoint_fields):
-        raise UserError(f"{path} was trained on other data (dataset {resumed.get('dataset')!r}, prepared with other "
-                        f"input, settings or tokens than data/{cfg.dataset} now): --resume needs the same data; to "
-                        "train on new data start from it with --init_from instead")
-    owner = recorded_run_id(cfg.out_dir)
-    if owner and resumed.get("run_id") and owner != resumed["run_id"]:
-        raise UserError(f"{path} belongs to another run ({resumed['run_id']}; {cfg.out_dir}/config.json is run {owner}): "
-                        "resume it in its own out_dir, or start from it with --init_from")
-    if resumed["config"].get("optimizer", cfg.optimizer) != cfg.optimizer:
-        raise UserError(f"{path} trained with optimizer={resumed['config']['optimizer']}; --resume keeps the optimizer "
-                        "(its state is in the checkpoint): drop --optimizer, or start from it with --init_from")
-    changed = [f"{key} {resumed['config'][key]!r} -> {value!r}" for key, value in dataclasses.asdict(cfg).items()
-               if key in resumed["config"] and key not in ("resume", "overwrite", "init_from") and resumed["config"][key] != value]
-    if changed:
-        say(f"note: resuming with settings other than the checkpoint's: {', '.join(changed)}")
-    return resumed
-
-
-def same_data(checkpoint, fields):
-    """Whether a checkpoint was trained on the data behind `fields`: prepare.py's fingerprint of its input and
-    settings when both have one, else the dataset's name and tokenizer."""
-    if checkpoint.get("data_fingerprint") and fields.get("data_fingerprint"):
-        return checkpoint["data_fingerprint"] == fields["data_fingerprint"]
-    return checkpoint.get("dataset") == fields.get("dataset") and checkpoint.get("tokenizer") == fields["tokenizer"]
-
-
-def recorded_run_id(out_dir):
-    """The run id in out_dir/config.json, or None for a folder without one (an older run, a copied checkpoint)."""
-    try:
-        with open(os.path.join(out_dir, "config.json")) as f:
-            return json.load(f).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def resolve_model_config(cfg, overrides, data, tokenizer, start, say):
     """The architecture: a checkpoint's when resuming or starting from one (the training settings stay this
     command's), else the preset under the config's model keys, with the vocabulary padded."""
@@ -501,36 +449,6 @@ def float32_newton_schulz(grad, ns_coefficients, ns_steps, eps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
-
-
-def open_run_dir(out_dir, resolved, log, resumed, say):
-    """Record the resolved config and start the log: a resumed run keeps its lines up to the checkpoint's step
-    (what the interrupted run logged after it is trained again); a new one starts with no checkpoint of an
-    earlier run (--overwrite) left beside it."""
-    write_atomically(os.path.join(out_dir, "config.json"), json.dumps(resolved, indent=2))
-    if resumed:
-        catch_up_best(out_dir, resumed, say)
-    else:
-        for name in ("ckpt.pt", "best.pt"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, name))
-    log.start(resumed["state"]["step"] if resumed else None)
-
-
-def catch_up_best(out_dir, resumed, say):
-    """ckpt.pt is written before best.pt: after a crash between the two, ckpt.pt is the best checkpoint and best.pt
-    one evaluation behind. Then ckpt.pt is written as best.pt too, so that best.pt is never left behind."""
-    state, best_path = resumed["state"], os.path.join(out_dir, "best.pt")
-    if state.get("best_step") != state["step"]:
-        return
-    try:
-        best_step = torch.load(best_path, map_location="cpu", mmap=True, weights_only=True)["state"]["step"]
-    except Exception:  # missing or unreadable: as behind as can be
-        best_step = None
-    if best_step != state["step"]:
-        save_checkpoint(best_path, resumed)
-        say(f"best.pt missed the best evaluation, step {state['step']} (a crash between the two writes): written "
-            "again from ckpt.pt")
 
 
 # ----------------------------------------------------------------------------- data
