@@ -298,7 +298,8 @@ def test_learning_rate_schedules():
 
 
 def run_script(*args, **kwargs):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, **kwargs)
+    # a time limit: under torchrun, a rank that died leaves the other waiting in a collective for ever
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, **{"timeout": 300, **kwargs})
 
 
 @pytest.mark.parametrize("arg, message", [
