@@ -65,7 +65,7 @@ def cmd_coord(cfg, argv):
                              cfg.coord_steps, device)[-1] for width in cfg.coord_widths]
         result[name] = {layer: [s[layer] for s in sizes] for layer in sizes[0]}
         result[name + "_spread"] = {layer: max(v) / min(v) for layer, v in result[name].items()}
-    save_plot(cfg.coord_plot, lambda path: plot_coordinates(result, path))
+    save_plot(cfg.coord_plot, lambda file: plot_coordinates(result, file))
     if cfg.json:
         return result
     print(f"mean |x| of each layer's output after {cfg.coord_steps} steps at lr {train_cfg.learning_rate:g}, "
@@ -112,7 +112,7 @@ def coordinates(model_cfg, train_cfg, data, steps, device):
     return history
 
 
-def plot_coordinates(result, path):
+def plot_coordinates(result, file):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -124,7 +124,7 @@ def plot_coordinates(result, path):
     panels[0].set_ylabel("mean |x| of the layer's output")
     panels[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
+    fig.savefig(file, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -149,14 +149,14 @@ def cmd_sweep(cfg, argv):
             raise UserError(f"train.py failed for {run_dir}: see {run_dir}/train.log")
         print(f"[{count}/{len(runs)}] {run_dir}: val loss {final_loss(run_dir):.4f}", file=out, flush=True)
     result = best_rates(cfg, {key: final_loss(run_dir) for run_dir, key in grid.items()})
-    save_plot(plot, lambda path: plot_sweep(result, path))
+    save_plot(plot, lambda file: plot_sweep(result, file))
     if cfg.json:
         return result
-    print(f"best learning rate by width (grid steps of x{result['grid_step']:g}; a diverged run counts as inf):")
+    print("best learning rate by width (val loss); a diverged run counts as inf:")
     for name in ("standard", "mup"):
         best = result[name]["best"]
         print(f"  {name:8s} " + "  ".join(f"{w}: {best[str(w)]['lr']:.3g} ({best[str(w)]['loss']:.4f})" for w in cfg.widths)
-              + f"  -> moves {result[name]['moved_steps']} grid steps")
+              + f"  -> x{result[name]['moved']:g} from width {cfg.widths[0]} to {cfg.widths[-1]}")
     print(f"wrote {plot}")
 
 
@@ -171,20 +171,19 @@ def final_loss(run_dir):
 
 
 def best_rates(cfg, losses):
-    """The loss curves and, per parametrization and width, the best learning rate of the grid; how many grid steps
-    the best moved between the narrowest and the widest model."""
+    """The loss curves and, per parametrization and width, the best learning rate of the grid; by what factor the
+    best moved from the narrowest to the widest model."""
     rates = sorted(cfg.learning_rates)
-    result = dict(widths=cfg.widths, learning_rates=rates, base_width=cfg.base_width,
-                  grid_step=rates[1] / rates[0] if len(rates) > 1 else 1.0)
+    result = dict(widths=cfg.widths, learning_rates=rates, base_width=cfg.base_width)
     for name in ("standard", "mup"):
         curves = {str(w): [losses[(name, w, lr)] for lr in rates] for w in cfg.widths}
         best = {w: dict(lr=rates[int(np.argmin(c))], loss=min(c)) for w, c in curves.items()}
-        first, last = (rates.index(best[str(w)]["lr"]) for w in (cfg.widths[0], cfg.widths[-1]))
-        result[name] = dict(curves=curves, best=best, moved_steps=last - first)
+        moved = best[str(cfg.widths[-1])]["lr"] / best[str(cfg.widths[0])]["lr"]
+        result[name] = dict(curves=curves, best=best, moved=moved)
     return result
 
 
-def plot_sweep(result, path):
+def plot_sweep(result, file):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -201,7 +200,7 @@ def plot_sweep(result, path):
     panels[0].set_ylabel("final validation loss")
     panels[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
+    fig.savefig(file, dpi=120, format="png")
     plt.close(fig)
 
 
