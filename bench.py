@@ -4,6 +4,7 @@
     python bench.py config/gpt_51m.py --only=training     # a recipe's model, batch, optimizer and dtype
     python bench.py --only=generation --json=bench.json   # also write the results as JSON
     python bench.py --only=speedrun                       # the CPU speedrun against its baseline, whole commands
+    python bench.py --only=speedrun --busy=1              # the same beside a process that keeps one core busy
     python bench.py --only=serving                        # serve.py's first token with and without kept caches
     python bench.py --suite=gpu --json=gpu.json           # every GPU target of issue #17 in one call of 7.5 minutes
 
@@ -45,7 +46,8 @@ clock of the whole command, the final and the best validation loss, and with spe
 first reached it (train.py's own clock, which starts after start-up and data loading but includes
 compilation). speedrun_limit stops a command after that many seconds and reports how far it got. Issue #8's
 CPU speedrun is the default pair; the GPU one is --speedrun=config/shakespeare_char.py,config/speedrun_gpu.py
---speedrun_target=1.47.
+--speedrun_target=1.47. --busy=N runs the commands beside N processes that each keep a core busy, as on a
+shared machine: with --threads=0 (measured) and --threads=N (pinned) it shows what the thread count is worth.
 
 host_syncs (only with --only=host_syncs): how often train.py's own loop makes the host wait for the GPU per step
 (a loss read back, a check of a device value), and from which line: train.main on the config's prepared
@@ -83,7 +85,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 
-import configurator  # before torch: it sets OpenMP's wait policy
+import configurator  # first: Ctrl-C during the imports is one line
 import torch
 
 import prepare
@@ -114,6 +116,7 @@ class BenchConfig:
                                                                      # a config file and optional --key=value overrides
     speedrun_target: float = 0.0    # speedrun: also report when each run's validation loss first reached this
     speedrun_limit: float = 0.0     # speedrun: stop a command after this many seconds; 0 = no limit
+    busy: int = 0                   # speedrun: this many busy single-thread processes run beside the commands (a shared CPU)
     serve_turns: int = 10           # serving: messages in the conversation
     sync_steps: int = 10            # host_syncs: the longer of its two train.py runs takes this many more steps
     suite: str = ""                 # "gpu": the GPU suite (GPU_SUITE below) instead of --only's benchmarks
@@ -222,7 +225,7 @@ def bench_generation(cfg, tcfg, scfg, overrides, device):
     def recompute(model, steps, context):
         generator = torch.Generator(device).manual_seed(scfg.seed)
         idx = torch.full((1, 1), tokenizer.eot_id, device=device)
-        with context():
+        with context(), torch.no_grad():  # as nanoGPT's generate
             for _ in range(steps):
                 logits, _ = model(idx[:, -block:])
                 token = sample_token(logits[:, -1], scfg.temperature, scfg.top_k, scfg.top_p, generator)
@@ -329,43 +332,60 @@ def bench_speedrun(cfg, tcfg, scfg, overrides, device):
     start-up, compilation and evaluation, and the validation losses in the run's log.jsonl. The data must be
     prepared first (python prepare.py <config>)."""
     runs = []
-    print("speedrun: whole train.py commands, one after the other")
-    for command in cfg.speedrun.split(","):
-        args = command.split()
-        out_dir = configurator.build(TrainConfig, configurator.parse(args, TrainConfig, GPTConfig)).out_dir
-        start, started_at, stopped = time.perf_counter(), time.time(), False
-        try:
-            command_line = [sys.executable, os.path.join(configurator.ROOT, "train.py"), *args,
-                            "--overwrite=True"]  # a speedrun run again starts each run over in its out_dir
-            done = subprocess.run(command_line,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                  timeout=cfg.speedrun_limit or None)
-            if done.returncode:
-                raise UserError(f"python train.py {command} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        except subprocess.TimeoutExpired:
-            stopped = True
-        seconds = time.perf_counter() - start
-        log_path, evals = os.path.join(out_dir, "log.jsonl"), []
-        if os.path.exists(log_path) and os.path.getmtime(log_path) >= started_at:  # not an earlier run's log
-            with open(log_path) as f:  # a command stopped at the limit may have left its last line half-written
-                evals = [r for r in (json.loads(line) for line in f if line.endswith("\n")) if "val_loss" in r]
-        if not evals:
-            print(f"  {command}\n    {seconds:7.1f} s: stopped at the limit before its first evaluation")
-            runs.append(dict(command=command, seconds=seconds, stopped_at_limit=stopped))
-            continue
-        best = min(evals, key=lambda record: record["val_loss"])
-        reached = next((r for r in evals if cfg.speedrun_target and r["val_loss"] <= cfg.speedrun_target), None)
-        runs.append(dict(command=command, seconds=seconds, stopped_at_limit=stopped, val_loss=evals[-1]["val_loss"],
-                         steps=evals[-1]["step"], best_val_loss=best["val_loss"], best_step=best["step"],
-                         best_elapsed=best["elapsed"], target_elapsed=reached["elapsed"] if reached else None))
-        share = f"{100 * seconds / runs[0]['seconds']:.0f}% of the baseline" if len(runs) > 1 else "baseline"
-        print(f"  {command}\n    {seconds:7.1f} s{' (stopped at the limit)' if stopped else ''} ({share}): val loss "
-              f"{evals[-1]['val_loss']:.4f} at step {evals[-1]['step']:,}, best {best['val_loss']:.4f} at step "
-              f"{best['step']:,} ({best['elapsed']:.1f} s into training)")
-        if cfg.speedrun_target:
-            print(f"    reached {cfg.speedrun_target:g} at step {reached['step']:,}, {reached['elapsed']:.1f} s into training"
-                  if reached else f"    did not reach {cfg.speedrun_target:g}")
-    return dict(runs=runs)
+    print("speedrun: whole train.py commands, one after the other" + f", beside {cfg.busy} busy process(es)" * (cfg.busy > 0))
+    with busy_processes(cfg.busy):
+        for command in cfg.speedrun.split(","):
+            runs.append(speedrun_command(command, cfg, runs[0]["seconds"] if runs else None))
+    return dict(runs=runs, busy=cfg.busy)
+
+
+@contextlib.contextmanager
+def busy_processes(count):
+    """`count` processes that each keep one core busy, as other work on a shared machine does, until the block ends."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield spinners
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def speedrun_command(command, cfg, baseline_seconds):
+    """One whole `python train.py <command>`: its wall clock and the validation losses of its log."""
+    args = command.split()
+    out_dir = configurator.build(TrainConfig, configurator.parse(args, TrainConfig, GPTConfig)).out_dir
+    start, started_at, stopped = time.perf_counter(), time.time(), False
+    try:
+        command_line = [sys.executable, os.path.join(configurator.ROOT, "train.py"), *args,
+                        "--overwrite=True"]  # a speedrun run again starts each run over in its out_dir
+        done = subprocess.run(command_line,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              timeout=cfg.speedrun_limit or None)
+        if done.returncode:
+            raise UserError(f"python train.py {command} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    except subprocess.TimeoutExpired:
+        stopped = True
+    seconds = time.perf_counter() - start
+    log_path, evals = os.path.join(out_dir, "log.jsonl"), []
+    if os.path.exists(log_path) and os.path.getmtime(log_path) >= started_at:  # not an earlier run's log
+        with open(log_path) as f:  # a command stopped at the limit may have left its last line half-written
+            evals = [r for r in (json.loads(line) for line in f if line.endswith("\n")) if "val_loss" in r]
+    if not evals:
+        print(f"  {command}\n    {seconds:7.1f} s: stopped at the limit before its first evaluation")
+        return dict(command=command, seconds=seconds, stopped_at_limit=stopped)
+    best = min(evals, key=lambda record: record["val_loss"])
+    reached = next((r for r in evals if cfg.speedrun_target and r["val_loss"] <= cfg.speedrun_target), None)
+    share = f"{100 * seconds / baseline_seconds:.0f}% of the baseline" if baseline_seconds else "baseline"
+    print(f"  {command}\n    {seconds:7.1f} s{' (stopped at the limit)' if stopped else ''} ({share}): val loss "
+          f"{evals[-1]['val_loss']:.4f} at step {evals[-1]['step']:,}, best {best['val_loss']:.4f} at step "
+          f"{best['step']:,} ({best['elapsed']:.1f} s into training)")
+    if cfg.speedrun_target:
+        print(f"    reached {cfg.speedrun_target:g} at step {reached['step']:,}, {reached['elapsed']:.1f} s into training"
+              if reached else f"    did not reach {cfg.speedrun_target:g}")
+    return dict(command=command, seconds=seconds, stopped_at_limit=stopped, val_loss=evals[-1]["val_loss"],
+                steps=evals[-1]["step"], best_val_loss=best["val_loss"], best_step=best["step"],
+                best_elapsed=best["elapsed"], target_elapsed=reached["elapsed"] if reached else None)
 
 
 def bench_host_syncs(cfg, tcfg, scfg, overrides, device):
@@ -615,7 +635,7 @@ def main(argv):
     if unknown:
         raise UserError(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     configurator.check_at_least(cfg, repeats=1, new_tokens=1, timed_steps=1, warmup_steps=0, profile_steps=0,
-                                speedrun_target=0, speedrun_limit=0, serve_turns=1, sync_steps=1)
+                                speedrun_target=0, speedrun_limit=0, serve_turns=1, sync_steps=1, busy=0)
     if not cfg.prepare_mb > 0:
         raise UserError(f"--prepare_mb must be more than 0, got {cfg.prepare_mb}")
     for name in filter(None, cfg.prepare_tokenizers.split(",") if "prepare" in names else []):

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -108,10 +109,20 @@ def test_speedrun_limit_stops_a_command_and_reports_how_far_it_got(tmp_path, mon
                                          'sample_tokens = 0\nmax_iters = 10_000_000\neval_interval = 5\n')
     import prepare
     prepare.main(["endless.py"])
-    run, = bench.main(["--only=speedrun", "--speedrun=endless.py", "--speedrun_limit=8"])["speedrun"]["runs"]
+    run, = bench.main(["--only=speedrun", "--speedrun=endless.py", "--speedrun_limit=8", "--busy=1"])["speedrun"]["runs"]
     assert run["stopped_at_limit"] and 8 <= run["seconds"] < 20
     assert 0 <= run["steps"] < 10_000_000 and run["best_val_loss"] <= run["val_loss"] + 1e-9
-    assert "stopped at the limit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stopped at the limit" in out and "beside 1 busy process(es)" in out
+
+
+def test_busy_processes_each_keep_a_core_busy_until_the_block_ends():
+    with bench.busy_processes(2) as spinners:
+        time.sleep(1.0)
+        cpu_seconds = [sum(map(int, open(f"/proc/{s.pid}/stat").read().split()[13:15])) / os.sysconf("SC_CLK_TCK")
+                       for s in spinners]
+        assert all(s.poll() is None for s in spinners) and all(t > 0.2 for t in cpu_seconds), cpu_seconds
+    assert all(s.poll() is not None for s in spinners)
 
 
 @pytest.mark.parametrize("option, message", [("--new_tokens=0", "--new_tokens must be at least 1"),
