@@ -29,13 +29,6 @@ except ImportError:  # Windows: no flock
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# OpenMP threads that spin while they wait (libgomp's default) take the cores from the main thread whenever
-# the CPU is shared: beside one busy process, training ran 1.8x slower spinning than waiting passively; alone,
-# 8% faster (RESULTS.md). A shared CPU must not collapse a run, so passive it is, unless the environment says
-# otherwise. OpenMP reads it once, when torch loads, so the scripts import this module before torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def quiet_interrupt(kind, value, traceback):
     """Ctrl-C before run_script's handler is in place (torch takes seconds to import): one line and exit 130,
     as run_script does, not a traceback of the import in flight. The scripts import this module first."""

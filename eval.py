@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-import configurator  # before torch: it sets OpenMP's wait policy
+import configurator  # first: Ctrl-C during the imports is one line
 import torch
 from lm_eval.api.model import TemplateLM
 

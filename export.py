@@ -29,7 +29,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-import configurator  # before torch: it sets OpenMP's wait policy
+import configurator  # first: Ctrl-C during the imports is one line
 import torch
 
 from configurator import UserError, temp_path

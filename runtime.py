@@ -203,6 +203,100 @@ def cpu_dtype(use, step=None, shape=""):
     return choice
 
 
+# ----------------------------------------------------------------------------- the CPU's threads
+# How many threads run a small model fastest depends on what else the machine does, and that changes while a run goes
+# on. On an idle 2-core EPYC two threads trained nanoGPT's CPU recipe 1.5x faster than one; beside one busy process,
+# 2.4x slower, as each of the step's many small operations waited for the thread the other process held up. Waiting
+# passively instead kept them even but cost the idle machine its 1.5x (RESULTS.md). So the count is measured, again
+# and again, on the work itself, and OpenMP keeps its default wait policy.
+
+class ThreadTuner:
+    """torch's thread count on a CPU, chosen by timing the work: tick() once per unit of it (a training step, a decoded
+    token). Once `units` units are timed at the current count, it times as many at the next rung of the ladder (all
+    threads, half of them, ..., 1) and keeps the trial's count if that was clearly faster. A trial that loses waits 20
+    times its length for the next, and each further loss doubles the wait up to 160, so that trials cost a few percent;
+    a unit over twice the current count's time ends its trial at once. pinned > 0 fixes the count; off the CPU it does
+    nothing. Sums split over another number of threads round differently (by about 1e-6), so runs repeat bit for bit
+    only with a pinned count. A context manager: the count it found is undone on exit."""
+
+    MARGIN = 0.9       # a trial must take under 90% of the current count's time to win
+    FIRST_WAIT = 20    # after a lost trial, the next waits this many times its length, doubled at each further loss
+    LAST_WAIT = 160    # up to this many, so that a change of load is still found within minutes
+    GIVE_UP = 2.0      # a trial unit this many times slower than the current count's median ends the trial
+
+    def __init__(self, device, pinned=0, unit="step", say=print, units=4, clock=time.perf_counter):
+        if pinned < 0:
+            raise UserError(f"threads must be at least 1, or 0 to measure the fastest count, got {pinned}")
+        self.saved = torch.get_num_threads()
+        if device.type == "cpu" and pinned:
+            torch.set_num_threads(pinned)
+        self.on = device.type == "cpu" and not pinned and self.saved > 1
+        self.ladder = sorted({self.saved >> i for i in range(self.saved.bit_length())}, reverse=True)  # 8, 4, 2, 1
+        self.unit, self.say, self.units, self.clock = unit, say, units, clock
+        self.rung, self.trial, self.direction = 0, None, 1
+        self.current, self.tried = [], []  # the latest timings at the current count, and at the trial's
+        self.last = self.trial_start = None
+        self.next_trial, self.wait, self.skip, self.reported = 0.0, self.FIRST_WAIT, 0, False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+    def begin(self):
+        """Mark where a unit starts, where the time since the last tick is not the work's (a decoder's idle wait)."""
+        self.last = self.clock()
+
+    def tick(self):
+        """Mark where a unit ends (and, without begin(), the next starts)."""
+        now = self.clock()
+        took, self.last = (now - self.last if self.last is not None else None), now
+        if not self.on or took is None:
+            return
+        if self.skip:  # the first unit at a new count warms it up
+            self.skip -= 1
+        elif self.trial is None:
+            self.current = (self.current + [took])[-self.units:]
+            if len(self.current) == self.units and now >= self.next_trial:
+                self.start_trial(now)
+        else:
+            self.tried.append(took)
+            if len(self.tried) == self.units or took > self.GIVE_UP * median(self.current):
+                self.end_trial(now)
+
+    def start_trial(self, now):
+        if not 0 <= self.rung + self.direction < len(self.ladder):
+            self.direction = -self.direction
+        self.trial, self.tried, self.trial_start = self.rung + self.direction, [], now
+        self.set(self.trial)
+
+    def end_trial(self, now):
+        before, after = median(self.current), median(self.tried)
+        counts, won = (self.ladder[self.rung], self.ladder[self.trial]), after < self.MARGIN * before
+        if won or not self.reported:  # every change, and the first measurement
+            self.say(f"threads: {counts[0]} -> {counts[1] if won else counts[0]} ({1e3 * before:.2f} ms a {self.unit} on "
+                     f"{counts[0]}, {1e3 * after:.2f} on {counts[1]}; measured again as the run goes)")
+            self.reported = True
+        if won:  # keep it, and go on in the same direction at once if the ladder does
+            self.rung, self.current, self.wait = self.trial, self.tried, self.FIRST_WAIT
+            further = 0 <= self.rung + self.direction < len(self.ladder)
+        else:  # back, and the next trial goes the other way where it can
+            self.set(self.rung)
+            self.direction, further = -self.direction, False
+        self.next_trial = now if further else now + self.wait * (now - self.trial_start)
+        self.wait = self.wait if won else min(2 * self.wait, self.LAST_WAIT)
+        self.trial = None
+
+    def set(self, rung):
+        torch.set_num_threads(self.ladder[rung])
+        self.skip = 1
+
+
+def median(times):
+    return sorted(times)[len(times) // 2]
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, checkpoint):

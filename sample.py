@@ -16,14 +16,14 @@ import os
 import sys
 from dataclasses import dataclass
 
-import configurator  # before torch: it sets OpenMP's wait policy
+import configurator  # first: Ctrl-C during the imports is one line
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import UserError
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, marker_ids, render_chat, sampleable_vocab_size
-from runtime import load_checkpoint, pick_device, pick_dtype, time_each
+from runtime import ThreadTuner, load_checkpoint, pick_device, pick_dtype
 
 
 @dataclass
@@ -41,7 +41,7 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"             # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"              # "auto": bfloat16 on GPUs; on a CPU the faster of float32 and bfloat16, measured
-    threads: int = 0                 # CPU threads while decoding; 0 = auto: 1 or all, measured (see decoding)
+    threads: int = 0                 # CPU threads while decoding; 0 = the fastest count, measured as it goes (see decoding)
 
 
 # ----------------------------------------------------------------------------- chat
@@ -177,8 +177,8 @@ class Chat:
 
 # ----------------------------------------------------------------------------- loading and the two modes
 # Decoding at batch 1 on a CPU is a stream of small matrix-vector products that read every weight once per
-# token, so it is bound by memory, not arithmetic. The settings below (bf16 weights where measured faster, one thread, the
-# attention kernel that suits the dtype) make it faster at the same validation loss, though greedy text can part ways at near-ties;
+# token, so it is bound by memory, not arithmetic. The settings below (bf16 weights where measured faster, the thread
+# count measured fastest, the attention kernel that suits the dtype) make it faster at the same validation loss, though greedy text can part ways at near-ties;
 # RESULTS.md has the figures (bench.py --only=generation).
 
 
@@ -190,50 +190,21 @@ def decoding_dtype(name, device):
 
 @contextlib.contextmanager
 def decoding(model, threads=0):
-    """The settings that `model` generates tokens under, on a CPU: `threads` intra-op threads, by default the
-    count decoding_threads measured faster; and, for bf16 weights, attention by the plain math kernel, as the flash kernel is slow in
-    bf16 for a single query over many cached keys (in fp32 it is the faster). Both are undone on exit. A long
-    prompt's prefill runs under them too."""
+    """The settings that `model` generates tokens under, on a CPU: `threads` threads, or by default the count that
+    decodes fastest now, timed on its forwards (one per token) by runtime.ThreadTuner; and, for bf16 weights,
+    attention by the plain math kernel, as the flash kernel is slow in bf16 for a single query over many cached keys
+    (in fp32 it is the faster). Both are undone on exit. A long prompt's prefill runs under them too."""
     weight = model.lm_head.weight
-    if weight.device.type != "cpu":
-        yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads or decoding_threads(model))
-    try:
-        with sdpa_kernel(SDPBackend.MATH) if weight.dtype == torch.bfloat16 else contextlib.nullcontext():
+    math_attention = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+    say = functools.partial(print, file=sys.stderr)
+    with ThreadTuner(weight.device, threads, unit="token", say=say) as tuner, \
+            sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
+        hooks = model.register_forward_pre_hook(lambda *_: tuner.begin()), model.register_forward_hook(lambda *_: tuner.tick())
+        try:
             yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-@functools.lru_cache(maxsize=4)
-def decoding_threads(model):
-    """1 or all of torch's threads, whichever decodes `model` faster now, timed on a scratch cache (4 tokens at a time,
-    alternated, about 30 tokens in all). On an idle 2-core CPU two threads read the weights faster; beside other work,
-    one is faster, as two wait on each other at each of the ~100 small operations per token (RESULTS.md). Measured
-    afresh in each process, not cached on disk, since the machine's load changes; printed."""
-    most = torch.get_num_threads()
-    if most == 1:
-        return 1
-    cache = model.new_kv_cache(1)
-    token = torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device)
-
-    def four_tokens(threads):  # then rewound, so that every timing decodes at the same positions
-        torch.set_num_threads(threads)
-        for _ in range(4):
-            model(token, kv_cache=cache)
-        cache.pos -= 4
-    try:
-        with torch.no_grad():
-            model(token.expand(1, 16), kv_cache=cache)
-            best = time_each(four_tokens, (1, most), repeats=3, warmups=1)
-    finally:
-        torch.set_num_threads(most)
-    choice = min(best, key=best.get)
-    print(f"decoding on {choice} thread(s): {1e3 * best[1] / 4:.2f} ms per token on 1, {1e3 * best[most] / 4:.2f} ms "
-          f"on {most}", file=sys.stderr)
-    return choice
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 def load(cfg):

@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-import configurator  # before torch: it sets OpenMP's wait policy
+import configurator  # first: Ctrl-C during the imports is one line
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -58,7 +58,7 @@ class ServeConfig:
     max_request_kb: int = 1024       # a larger request body is refused
     device: str = "auto"             # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"              # as sample.py: on a CPU the faster of float32 and bfloat16, measured
-    threads: int = 0                 # CPU threads while decoding; 0 = auto: 1 (see sample.decoding)
+    threads: int = 0                 # CPU threads while decoding; 0 = the fastest count, measured (sample.decoding)
 
 
 # ----------------------------------------------------------------------------- requests, in OpenAI's format

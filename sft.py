@@ -33,7 +33,7 @@ import random
 import re
 from dataclasses import dataclass
 
-import configurator  # before torch: it sets OpenMP's wait policy
+import configurator  # first: Ctrl-C during the imports is one line
 import numpy as np
 import torch
 

@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import configurator  # before torch: it sets OpenMP's wait policy, and Ctrl-C during the imports is one line
+import configurator  # first: Ctrl-C during the imports is one line
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -31,9 +31,9 @@ import torch.distributed as dist
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS, is_hidden_matrix
 from prepare import load_meta
-from runtime import (StopSignals, autocast_to, compile_wanted, cpu_dtype, end_process, holding_out_dir, load_checkpoint,
-                     load_init, load_resumed, mfu, open_run_dir, peak_flops, precision, restore_training, save_checkpoint,
-                     start_process, training_snapshot, write_atomically)
+from runtime import (StopSignals, ThreadTuner, autocast_to, compile_wanted, cpu_dtype, end_process, holding_out_dir,
+                     load_checkpoint, load_init, load_resumed, mfu, open_run_dir, peak_flops, precision, restore_training,
+                     save_checkpoint, start_process, training_snapshot, write_atomically)
 from tokenizer import load_tokenizer
 
 @dataclass
@@ -83,6 +83,8 @@ class TrainConfig:
     device: str = "auto"               # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"                # "auto": bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU
     compile: str = "auto"              # "auto" compiles on CUDA only: at CPU sizes its per-step overhead did not pay
+    threads: int = 0                   # CPU threads; 0 = measured as the run goes (runtime.ThreadTuner); N pins N,
+                                       # which a run needs to repeat bit for bit
     fsdp: bool = False                 # shard parameters and optimizer state over processes (FSDP2) instead of DDP
     peak_tflops: float = 0.0           # peak dense bf16 TFLOP/s per device for MFU; 0 = look it up by GPU name
     seed: int = 1337
@@ -113,17 +115,20 @@ def launch(cfg, overrides, data=None, init=None):
     default; sft.py passes its packed conversations); `init` is a checkpoint whose architecture and weights the
     model starts from, with a fresh optimizer and step. Returns the signal that stopped the run, or None."""
     device, rank, world = start_process(cfg.device)
-    # Ctrl-C and SIGTERM: finish the step in flight, checkpoint, return; and one run at a time in out_dir
-    with StopSignals() as stop, holding_out_dir(cfg.out_dir, rank):
-        run = setup(cfg, overrides, device, rank, world, data, init)
-        train(run, stop)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    # Ctrl-C and SIGTERM: finish the step in flight, checkpoint, return; one run at a time in out_dir; on a CPU, the
+    # thread count that trains fastest now
+    with StopSignals() as stop, holding_out_dir(cfg.out_dir, rank), ThreadTuner(device, cfg.threads, say=say) as threads:
+        run = setup(cfg, overrides, device, rank, world, data, init, say)
+        train(run, stop, threads)
         end_process(world)
     return stop.signum
 
 
-def train(run, stop):
+def train(run, stop, threads):
     """The loop: learning rate, micro-steps of forward and backward, clipping, the optimizer step, logging,
-    evaluation and checkpoints, until a budget, a stop signal, a target loss or early stopping ends it."""
+    evaluation and checkpoints, until a budget, a stop signal, a target loss or early stopping ends it.
+    `threads` times each step, and on a CPU moves to the thread count that runs it fastest."""
     cfg, model, T = run.cfg, run.model, run.model_cfg.block_size
     state = restore(run, run.resumed) if run.resumed else TrainState()
     clock = Clock(state.elapsed)
@@ -170,6 +175,7 @@ def train(run, stop):
         if state.step % cfg.eval_interval == 0:
             checkpoint(run, state, clock, evaluate_first=True)
         agree_on_stop(run, stop)
+        threads.tick()
 
 
 # ----------------------------------------------------------------------------- setup: every check, before anything is written
@@ -225,10 +231,9 @@ class Run:
         return os.path.join(self.cfg.out_dir, "best.pt")
 
 
-def setup(cfg, overrides, device, rank, world, data, init):
+def setup(cfg, overrides, device, rank, world, data, init, say):
     """Refuse every setting that would fail or quietly do nothing, resolve the model config, the batch and the
     budget, build the model and its optimizers, and only then open the run directory."""
-    say = print if rank == 0 else (lambda *a, **k: None)
     check_config(cfg)
     data = data or TokenData(cfg.dataset)
     tokenizer = load_tokenizer(data.checkpoint_fields["tokenizer"])

@@ -343,15 +343,14 @@ def test_a_system_message_without_chat_and_a_temperature_that_is_not_a_number_ar
         sample.main([str(tmp_path / "recipe.py")])
 
 
-def test_decoding_threads_times_one_thread_and_all_and_leaves_both_as_they_were(capsys):
+def test_decoding_times_each_forward_and_undoes_its_settings(monkeypatch):
     torch.set_num_threads(2)  # the one_thread fixture restores the count after the test
     model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    sample.decoding_threads.cache_clear()
-    choice = sample.decoding_threads(model)
-    assert choice in (1, 2) and torch.get_num_threads() == 2
-    assert f"decoding on {choice} thread(s):" in capsys.readouterr().err
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ticks = []
+    monkeypatch.setattr(runtime.ThreadTuner, "tick", lambda self: ticks.append(torch.get_num_threads()))
     with sample.decoding(model):
-        assert torch.get_num_threads() == choice
-    assert torch.get_num_threads() == 2
+        list(model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0))
+    assert ticks == [2] * 6  # the prompt's forward, then one per token after it
+    with sample.decoding(model, threads=1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2 and not model._forward_hooks and not model._forward_pre_hooks

@@ -24,8 +24,9 @@ from model import GPT, GPTConfig
 from configurator import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# one pinned thread: runs compared bit for bit must not each measure their own count (runtime.ThreadTuner)
 TINY = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
-        "--eval_iters=4", "--sample_tokens=0", "--warmup_iters=5", "--learning_rate=3e-3"]
+        "--eval_iters=4", "--sample_tokens=0", "--warmup_iters=5", "--learning_rate=3e-3", "--threads=1"]
 
 
 @pytest.fixture
@@ -475,6 +476,74 @@ def test_the_real_probe_times_a_real_training_step_and_leaves_no_trace():
     assert all(0 < t < math.inf for t in times.values()) and shape.startswith("4 x 8 ")
     assert all(p.grad is None for p in model.parameters())
     assert 0 < runtime.measure_product("decode")["float32"] < math.inf
+
+
+class Work:
+    """Units of work whose seconds depend on torch's thread count, on a clock of its own: a ThreadTuner test's CPU."""
+
+    def __init__(self, seconds):
+        self.seconds, self.now, self.counts = seconds, 0.0, []
+
+    def clock(self):
+        return self.now
+
+    def run(self, tuner, units):
+        for _ in range(units):
+            self.counts.append(torch.get_num_threads())
+            self.now += self.seconds[self.counts[-1]]
+            tuner.tick()
+
+    def settled(self, last=100):
+        """The count that ran most of the last units (a trial may be in flight)."""
+        return max(set(self.counts[-last:]), key=self.counts[-last:].count)
+
+
+def test_the_thread_tuner_keeps_the_faster_count_and_follows_the_machine_s_load(one_thread):
+    torch.set_num_threads(2)
+    lines, idle = [], {2: 0.010, 1: 0.016}  # the 2-core EPYC's ratio on nanoGPT's CPU recipe, idle
+    work = Work(idle)
+    with runtime.ThreadTuner(torch.device("cpu"), say=lines.append, clock=work.clock) as tuner:
+        work.run(tuner, 20_000)
+        assert work.settled() == 2 and lines == ["threads: 2 -> 2 (10.00 ms a step on 2, 16.00 on 1; "
+                                                          "measured again as the run goes)"]
+        assert work.counts.count(1) < 0.02 * 20_000  # trials cost a few percent, and less as they keep losing
+        work.seconds = {2: 0.040, 1: 0.017}  # another process takes a core: two threads wait on each other
+        work.run(tuner, 400)  # found within 160 trials' lengths, however long the machine was idle
+        assert work.settled() == 1 and lines[-1].startswith("threads: 2 -> 1 (40.00 ms a step on 2, 17.00 on 1")
+        work.seconds = idle
+        work.run(tuner, 400)
+        assert work.settled() == 2 and lines[-1].startswith("threads: 1 -> 2")
+    assert torch.get_num_threads() == 2 and len(lines) == 3
+
+
+def test_the_thread_tuner_climbs_down_a_ladder_of_halves_and_stops_where_the_next_is_slower(one_thread):
+    torch.set_num_threads(8)
+    lines, work = [], Work({8: 0.030, 4: 0.012, 2: 0.020, 1: 0.035})
+    with runtime.ThreadTuner(torch.device("cpu"), say=lines.append, clock=work.clock) as tuner:
+        work.run(tuner, 600)
+        assert work.settled() == 4 and lines == ["threads: 8 -> 4 (30.00 ms a step on 8, 12.00 on 4; "
+                                                          "measured again as the run goes)"]
+    assert torch.get_num_threads() == 8 and set(work.counts) == {8, 4, 2}
+
+
+def test_train_py_measures_its_thread_count_as_it_goes_and_says_so(tiny_data, capsys, one_thread):
+    torch.set_num_threads(2)
+    train.main([a for a in TINY if a != "--threads=1"] + ["--out_dir=run", "--max_iters=16", "--eval_interval=16"])
+    assert "threads: 2 -> " in capsys.readouterr().out and torch.get_num_threads() == 2
+
+
+def test_a_pinned_thread_count_and_other_devices_are_left_alone(one_thread):
+    torch.set_num_threads(2)
+    work = Work({1: 0.01, 2: 1.0})
+    with runtime.ThreadTuner(torch.device("cpu"), pinned=1, clock=work.clock) as tuner:
+        work.run(tuner, 100)
+    assert set(work.counts) == {1} and torch.get_num_threads() == 2
+    work = Work({2: 1.0, 1: 0.01})
+    with runtime.ThreadTuner(torch.device("meta"), pinned=1, clock=work.clock) as tuner:
+        work.run(tuner, 100)
+    assert set(work.counts) == {2}
+    with pytest.raises(UserError, match="threads must be at least 1, or 0 to measure the fastest count, got -1"):
+        runtime.ThreadTuner(torch.device("cpu"), pinned=-1)
 
 
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64)])
