@@ -41,7 +41,7 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"             # "auto" picks cuda, then mps, then cpu
     dtype: str = "auto"              # "auto": bfloat16 on GPUs; on a CPU the faster of float32 and bfloat16, measured
-    threads: int = 0                 # CPU threads while decoding; 0 = the fastest count, measured as it goes (see decoding)
+    threads: int = 0                 # CPU threads while decoding; 0 = the fastest, measured as it goes (decoding)
 
 
 # ----------------------------------------------------------------------------- chat
@@ -178,8 +178,8 @@ class Chat:
 # ----------------------------------------------------------------------------- loading and the two modes
 # Decoding at batch 1 on a CPU is a stream of small matrix-vector products that read every weight once per
 # token, so it is bound by memory, not arithmetic. The settings below (bf16 weights where measured faster, the thread
-# count measured fastest, the attention kernel that suits the dtype) make it faster at the same validation loss, though greedy text can part ways at near-ties;
-# RESULTS.md has the figures (bench.py --only=generation).
+# count measured fastest, the attention kernel that suits the dtype) make it faster at the same validation loss,
+# though greedy text can part ways at near-ties; RESULTS.md has the figures (bench.py --only=generation).
 
 
 def decoding_dtype(name, device):
@@ -199,7 +199,9 @@ def decoding(model, threads=0):
     say = functools.partial(print, file=sys.stderr)
     with ThreadTuner(weight.device, threads, unit="token", say=say) as tuner, \
             sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
-        hooks = model.register_forward_pre_hook(lambda *_: tuner.begin()), model.register_forward_hook(lambda *_: tuner.tick())
+        # each forward is one unit of work, timed from its start: the wait between tokens is not the model's
+        hooks = (model.register_forward_pre_hook(lambda *_: tuner.begin()),
+                 model.register_forward_hook(lambda *_: tuner.tick()))
         try:
             yield
         finally:
