@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import configurator  # first: Ctrl-C during the imports is one line
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configurator import UserError
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer, marker_ids, render_chat, sampleable_vocab_size
-from runtime import ThreadTuner, load_checkpoint, pick_device, pick_dtype
+from runtime import ThreadTuner, load_checkpoint, pick_device, pick_dtype, time_each
 
 
 @dataclass
@@ -178,8 +179,9 @@ class Chat:
 # ----------------------------------------------------------------------------- loading and the two modes
 # Decoding at batch 1 on a CPU is a stream of small matrix-vector products that read every weight once per
 # token, so it is bound by memory, not arithmetic. The settings below (bf16 weights where measured faster, the thread
-# count measured fastest, the attention kernel that suits the dtype) make it faster at the same validation loss,
-# though greedy text can part ways at near-ties; RESULTS.md has the figures (bench.py --only=generation).
+# count measured fastest, each product split across the threads, the attention kernel that suits the dtype) make it
+# faster at the same validation loss, though greedy text can part ways at near-ties; RESULTS.md has the figures
+# (bench.py --only=generation).
 
 
 def decoding_dtype(name, device):
@@ -193,11 +195,12 @@ def decoding(model, threads=0):
     """The settings that `model` generates tokens under, on a CPU: `threads` threads, or by default the count that
     decodes fastest now, timed on its forwards (one per token) by runtime.ThreadTuner; and, for bf16 weights,
     attention by the plain math kernel, as the flash kernel is slow in bf16 for a single query over many cached keys
-    (in fp32 it is the faster). Both are undone on exit. A long prompt's prefill runs under them too."""
+    (in fp32 it is the faster); and each token's products split across the threads (split_products). All are
+    undone on exit. A long prompt's prefill runs under them too."""
     weight = model.lm_head.weight
     math_attention = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
     say = functools.partial(print, file=sys.stderr)
-    with ThreadTuner(weight.device, threads, unit="token", say=say) as tuner, \
+    with ThreadTuner(weight.device, threads, unit="token", say=say) as tuner, split_products(model, say), \
             sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
         # each forward is one unit of work, timed from its start: the wait between tokens is not the model's
         hooks = (model.register_forward_pre_hook(lambda *_: tuner.begin()),
@@ -207,6 +210,71 @@ def decoding(model, threads=0):
         finally:
             for hook in hooks:
                 hook.remove()
+
+
+@contextlib.contextmanager
+def split_products(model, say):
+    """Each nn.Linear's product for a single row (a token being decoded) run as one batched product over as many
+    slices of the weight's rows as there are threads, where that is timed faster: MKL runs a one-row product on one
+    thread however many it has, while a batched product shares its batch out, so every core reads weights (the
+    products 1.4x faster on the 2-core EPYC, RESULTS.md). Each output is the same dot product: the same numbers."""
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    if split_pays(linears, say):
+        for linear in linears:
+            linear.forward = OneRowSplit(linear)
+    try:
+        yield
+    finally:
+        for linear in linears:
+            vars(linear).pop("forward", None)  # back to nn.Linear's own
+
+
+def split_pays(linears, say):
+    """Whether a token's products (a row through each of `linears`) run clearly faster split across the threads than
+    whole, timed now on the model's own weights: 30 to 100 ms."""
+    weight = linears[0].weight
+    if weight.device.type != "cpu" or torch.get_num_threads() == 1:
+        return False
+    rows = {k: torch.randn(1, 1, k, dtype=weight.dtype) for k in {linear.in_features for linear in linears}}
+    splits = [OneRowSplit(linear) for linear in linears]
+
+    def products(split):
+        for linear, forward in zip(linears, splits):
+            (forward if split else linear)(rows[linear.in_features])
+    with torch.no_grad():
+        times = time_each(products, (False, True), repeats=8)
+    pays = times[True] < 0.9 * times[False]
+    say(f"decoding: a token's products {'split' if pays else 'whole'} on {torch.get_num_threads()} threads "
+        f"({1e3 * times[True]:.2f} ms split, {1e3 * times[False]:.2f} ms whole)")
+    return pays
+
+
+class OneRowSplit:
+    """A forward for `linear`: a single row's product as one batched product over slices of the weight's rows, one
+    slice per thread; any other input as nn.Linear computes it."""
+    def __init__(self, linear):
+        self.weight, self.bias = linear.weight, linear.bias
+        self.slices = {}  # thread count -> the views that split, made once: a few microseconds a call saved
+
+    def __call__(self, x):
+        threads = torch.get_num_threads()
+        if threads not in self.slices:
+            self.slices[threads] = self.split(threads)
+        split = self.slices[threads]
+        if split is None or x.dim() != 3 or x.numel() != self.weight.size(1):  # many rows: MKL shares those out itself
+            return F.linear(x, self.weight, self.bias)
+        weight, bias = split
+        y = torch.matmul(x, weight) if bias is None else torch.baddbmm(bias, x.expand(threads, 1, -1), weight)
+        return y.view(1, 1, -1)  # (parts, 1, out / parts) is already in the order of the outputs
+
+    def split(self, parts):
+        """The weight (out, in) as (parts, in, out / parts) and the bias as (parts, 1, out / parts), both views; None
+        on one thread or where the rows do not divide evenly."""
+        out, into = self.weight.shape
+        if parts == 1 or out % parts:
+            return None
+        bias = None if self.bias is None else self.bias.view(parts, 1, out // parts)
+        return self.weight.view(parts, out // parts, into).transpose(1, 2), bias
 
 
 def load(cfg):

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -354,3 +355,32 @@ def test_decoding_times_each_forward_and_undoes_its_settings(monkeypatch):
     with sample.decoding(model, threads=1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2 and not model._forward_hooks and not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_products_give_the_same_tokens_and_logits_and_are_undone(monkeypatch, bias):
+    torch.set_num_threads(2)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=bias)).eval()
+    prompt = torch.tensor([[5, 9, 2]])
+    with torch.no_grad():  # every product, bit for bit
+        for linear in (module for module in model.modules() if isinstance(module, torch.nn.Linear)):
+            row = torch.randn(1, 1, linear.in_features)
+            assert torch.equal(sample.OneRowSplit(linear)(row), linear(row))
+    whole = list(model.generate(prompt, 12, generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(sample, "split_pays", lambda linears, say: True)  # split whatever this machine's timing
+    with sample.split_products(model, print):
+        assert all("forward" in vars(linear) for linear in model.modules() if isinstance(linear, torch.nn.Linear))
+        split = list(model.generate(prompt, 12, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(torch.cat(split), torch.cat(whole))
+    assert not any("forward" in vars(module) for module in model.modules())
+
+
+def test_split_products_are_timed_and_not_tried_on_one_thread(capsys):
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    torch.set_num_threads(1)
+    assert sample.split_pays(linears, print) is False and capsys.readouterr().out == ""
+    torch.set_num_threads(2)
+    sample.split_pays(linears, print)
+    assert re.fullmatch(r"decoding: a token's products (split|whole) on 2 threads \([\d.]+ ms split, [\d.]+ ms whole\)\n",
+                        capsys.readouterr().out)
