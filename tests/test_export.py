@@ -1,6 +1,7 @@
-"""export.py on tiny models: transformers computes the same logits and greedy tokens as model.py for GPT-2,
-Llama and Qwen3 exports, tokenizers encode to the same ids, export then import gives back the same weights,
-and what no standard architecture expresses is refused in one line. CPU only, no network."""
+"""export.py and hf.py on tiny models: transformers computes the same logits and greedy tokens as
+model.py for GPT-2, Llama and Qwen3 exports, tokenizers encode to the same ids, export then import
+gives back the same weights, and every bad input (an architecture no standard one expresses, a
+broken checkpoint, a busy or full destination) is one line that writes nothing. CPU, no network."""
 
 import base64
 import dataclasses
@@ -11,28 +12,33 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+pytest.importorskip("transformers", reason="export.py needs transformers (requirements-extra.txt)")
+pytest.importorskip("safetensors", reason="export.py needs safetensors")
 
 import transformers
 
 import export
-import runtime
+import hf as hf_py
 import sample
+from checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from configurator import UserError
+from engine import load_model
+from files import locked_folder
 from model import GPT, GPTConfig, PRESETS
-from sample import render_chat
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, render_chat
 
-TEXT = ("ROMEO: But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
-        "JULIET: O Romeo, Romeo! wherefore art thou Romeo? 1234 5678\n  Deny thy father and refuse thy name.\n") * 20
+TEXT = ("ROMEO: But soft, what light through yonder window breaks?\nIt is the east, and Juliet is "
+        "the sun.\nJULIET: O Romeo, Romeo! wherefore art thou Romeo? 1234 5678\n  Deny thy "
+        "father and refuse thy name.\n") * 20
 PROBE = "ROMEO: the sun, 42 times!\n  Juliet?? naïve café 日本 🎭 end\n\n"
 CHAR_SPEC = {"kind": "char", "chars": "".join(sorted(set(TEXT)))}
 TINY = dict(vocab_size=128, block_size=64, n_layer=2, n_head=4, n_embd=64)
 ARCHS = {  # every field that maps is set away from its default somewhere
     "gpt2": dict(PRESETS["classic"]),
-    "llama": dict(PRESETS["modern"], mlp="swiglu", qk_norm=False, bias=True, n_kv_head=2, rope_theta=500.0),
-    "qwen3": dict(PRESETS["modern"], mlp="swiglu", n_kv_head=1, tie_embeddings=True, rope_theta=20000.0),
+    "llama": dict(PRESETS["modern"], mlp="swiglu", qk_norm=False, bias=True, n_kv_head=2,
+                  rope_theta=500.0),
+    "qwen3": dict(PRESETS["modern"], mlp="swiglu", n_kv_head=1, tie_embeddings=True,
+                  rope_theta=20000.0),
 }
 
 
@@ -49,51 +55,59 @@ def write_run(out_dir, spec=CHAR_SPEC, extra=None, **arch):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     os.makedirs(out_dir, exist_ok=True)
-    runtime.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), dict(
-        version=runtime.CHECKPOINT_VERSION, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
-        config={}, tokenizer=spec, dataset="test", state=dict(step=0), rng={}, **(extra or {})))
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), dict(
+        version=CHECKPOINT_VERSION, model=model.state_dict(), tokenizer=spec,
+        model_config=dataclasses.asdict(model.config), dataset="test", **(extra or {})))
     return model.eval()
+
+
+def run_export(tmp_path, *args, run="run", to="hf"):
+    return export.main([f"--out_dir={tmp_path / run}", f"--to={tmp_path / to}", *args])
 
 
 def greedy(model, ids, n, vocab_size):
     return torch.stack(list(model.generate(ids, n, temperature=0, vocab_size=vocab_size)), dim=1)
 
 
+def files(folder):
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_transformers_computes_what_model_py_computes_and_the_weights_come_back(tmp_path, arch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = write_run(tmp_path / "run", **ARCHS[arch])
-    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "hf"))
+    run_export(tmp_path)
+    assert {"config.json", "generation_config.json", "model.safetensors",
+            "tokenizer.json"} <= set(os.listdir(tmp_path / "hf"))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    expected = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
-    assert type(hf).__name__ == expected
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                                 "qwen3": "Qwen3ForCausalLM"}[arch]
     c, h = model.config, hf.config
     assert h.vocab_size == c.vocab_size == 128 and h.tie_word_embeddings == c.tie_embeddings
     if arch == "gpt2":
-        assert h.layer_norm_epsilon == model.transformer.ln_f.eps == 1e-5 and h.n_positions == c.block_size
+        assert h.layer_norm_epsilon == 1e-5 and h.n_positions == c.block_size
     else:
-        assert h.rms_norm_eps == model.transformer.ln_f.eps == 1e-6 and h.max_position_embeddings == c.block_size
-        assert h.num_key_value_heads == c.n_kv_head and h.rope_parameters["rope_theta"] == c.rope_theta
+        assert h.rms_norm_eps == 1e-6 and h.max_position_embeddings == c.block_size
+        assert h.num_key_value_heads == c.n_kv_head
+        assert h.rope_parameters["rope_theta"] == c.rope_theta
         assert h.attention_bias == c.bias and getattr(h, "mlp_bias", False) == c.bias
-
     x = torch.randint(0, 66, (2, 40))
     with torch.no_grad():
-        ours, _ = model(x, x)
-        theirs = hf(x).logits
-    assert (ours - theirs).abs().max() < 1e-4
+        assert (model(x, x)[0] - hf(x).logits).abs().max() < 1e-4
 
     tok = load_tokenizer(CHAR_SPEC)
     prompt = torch.tensor([[tok.eot_id] + tok.encode("ROMEO:")])
     ours = greedy(model, prompt, 20, tok.vocab_size)[0].tolist()
     theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False)[0, prompt.size(1):].tolist()
-    if tok.eot_id in ours:  # transformers stops at end-of-text (generation_config's eos), model.py goes on
+    if tok.eot_id in ours:  # transformers stops at end-of-text (generation_config's eos)
         ours = ours[:ours.index(tok.eot_id) + 1]
     assert theirs == ours
-    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(TEXT[:200], add_special_tokens=False) == tok.encode(TEXT[:200])
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.encode(TEXT[:200], add_special_tokens=False) == tok.encode(TEXT[:200])
 
     export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
-    back, tokenizer, checkpoint = sample.load(sample.SampleConfig(out_dir=str(tmp_path / "back"), device="cpu", dtype="float32"))
+    back, _, checkpoint = load_model(str(tmp_path / "back"), device="cpu", dtype="float32")
     assert checkpoint["tokenizer"] == CHAR_SPEC and back.config == model.config
     for key, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
@@ -104,10 +118,10 @@ def test_transformers_computes_what_model_py_computes_and_the_weights_come_back(
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_mup_model_exports_with_its_multipliers_folded_into_the_weights(tmp_path, arch):
     from transformers import AutoModelForCausalLM
-    model = write_run(tmp_path / "run", **ARCHS[arch], mup=True, mup_base_width=32)  # m = 2, base heads 8 wide
-    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    model = write_run(tmp_path / "run", **ARCHS[arch], mup=True, mup_base_width=32)  # m = 2
+    run_export(tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert not hf.config.tie_word_embeddings  # the head carries the logits' 1/m, the embeddings do not
+    assert not hf.config.tie_word_embeddings  # the head carries the logits' 1/m
     x = torch.randint(0, 66, (2, 40))
     with torch.no_grad():
         ours, theirs = model(x, x)[0], hf(x).logits
@@ -115,20 +129,20 @@ def test_a_mup_model_exports_with_its_multipliers_folded_into_the_weights(tmp_pa
         plain.load_state_dict(model.state_dict())
         unfolded, _ = plain(x, x)
     assert (ours - theirs).abs().max() < 1e-4
-    assert (unfolded - theirs).abs().max() > 1e-2  # the same weights without the multipliers: other logits
+    assert (unfolded - theirs).abs().max() > 1e-2  # without the multipliers: other logits
 
 
 def test_gpt2_without_biases_and_with_grouped_kv_heads_is_still_gpt2(tmp_path):
     from transformers import AutoModelForCausalLM
-    model = write_run(tmp_path / "run", **dict(PRESETS["classic"], bias=False, n_kv_head=2, tie_embeddings=False))
-    hf, _ = export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    model = write_run(tmp_path / "run", **dict(PRESETS["classic"], bias=False, n_kv_head=2,
+                                               tie_embeddings=False))
+    run_export(tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     x = torch.randint(0, 128, (1, 30))
-    with torch.no_grad():
-        assert (model(x, x)[0] - hf(x).logits).abs().max() < 1e-4
-    back, _ = export.load_hf(str(tmp_path / "hf"))  # back as a GPT-2: biases of zero, every kv head its own
+    back, _ = hf_py.load_hf(str(tmp_path / "hf"))  # biases of zero, every kv head its own
     assert back.config.bias and back.config.n_kv_head == 0
     with torch.no_grad():
+        assert (model(x, x)[0] - hf(x).logits).abs().max() < 1e-4
         assert (model(x, x)[0] - back(x, x)[0]).abs().max() < 1e-5
 
 
@@ -136,17 +150,20 @@ def sp_spec():
     import sentencepiece as spm
     proto = io.BytesIO()  # prepare.py's settings
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXT.splitlines(True)), model_writer=proto, vocab_size=320, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        split_digits=True, allow_whitespace_only_pieces=True, user_defined_symbols=["\n"], unk_id=0, bos_id=-1,
+        sentence_iterator=iter(TEXT.splitlines(True)), model_writer=proto, vocab_size=320,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+        allow_whitespace_only_pieces=True, user_defined_symbols=["\n"], unk_id=0, bos_id=-1,
         eos_id=1, pad_id=-1, character_coverage=0.9999, minloglevel=2)
     return {"kind": "sp", "model": base64.b64encode(proto.getvalue()).decode()}
 
 
 def tiktoken_spec():
-    ranks = [bytes([i]) for i in range(256)] + [b"th", b"he", b"the", b" the", b"Ro", b"me", b"Rome", b"RO", b"ME",
-                                                b"ROME", b"ROMEO", b"ou", b" thou", b" J", b"ul", b" Jul", b"ie"]
-    return {"kind": "tiktoken", "ranks": "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks))}
+    ranks = [bytes([i]) for i in range(256)] + [
+        b"th", b"he", b"the", b" the", b"Ro", b"me", b"Rome", b"RO", b"ME", b"ROME", b"ROMEO",
+        b"ou", b" thou", b" J", b"ul", b" Jul", b"ie"]
+    return {"kind": "tiktoken",
+            "ranks": "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks))}
 
 
 @pytest.mark.parametrize("make_spec", [sp_spec, tiktoken_spec])
@@ -154,181 +171,202 @@ def test_exported_tokenizers_encode_to_the_same_ids_and_come_back(tmp_path, make
     from transformers import AutoTokenizer
     spec = make_spec()
     tok = load_tokenizer(spec)
-    write_run(tmp_path / "run", spec, **dict(PRESETS["classic"], vocab_size=-(-tok.vocab_size // 64) * 64))
-    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    vocab = -(-tok.vocab_size // 64) * 64
+    write_run(tmp_path / "run", spec, **dict(PRESETS["classic"], vocab_size=vocab))
+    run_export(tmp_path)
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in (TEXT, PROBE):
         ids = hf_tok.encode(text, add_special_tokens=False)
         assert ids == tok.encode(text) and hf_tok.decode(ids) == text
     assert hf_tok.eos_token_id == tok.eot_id
-    _, info = export.load_hf(str(tmp_path / "hf"))
+    _, info = hf_py.load_hf(str(tmp_path / "hf"))
     assert load_tokenizer(info["tokenizer"]).encode(PROBE) == tok.encode(PROBE)
 
 
-def test_the_pipeline_on_a_raw_prompt_continues_as_sample_py_does(tmp_path):
+def test_the_pipeline_and_sample_py_on_the_folder_continue_as_sample_py_on_the_run(tmp_path):
     from transformers import AutoTokenizer, pipeline
-    write_run(tmp_path / "run", **ARCHS["gpt2"])  # whose greedy text does not reach end-of-text, where pipeline stops
-    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    write_run(tmp_path / "run", **ARCHS["gpt2"])  # its greedy text does not reach end-of-text
+    run_export(tmp_path)
     tok = load_tokenizer(CHAR_SPEC)  # end-of-text first, as every training document starts
-    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("ROMEO:").input_ids == [tok.eot_id] + tok.encode("ROMEO:")
-    generate = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu", dtype=torch.float32)
+    ids = AutoTokenizer.from_pretrained(tmp_path / "hf")("ROMEO:").input_ids
+    assert ids == [tok.eot_id] + tok.encode("ROMEO:")
+    generate = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu",
+                        dtype=torch.float32)
     theirs = generate("ROMEO:", max_new_tokens=30, do_sample=False)[0]["generated_text"]
-    out = io.StringIO()
-    sample.main([f"--out_dir={tmp_path / 'run'}", "--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=30",
-                 "--dtype=float32"], out=out)
-    ours = out.getvalue().split("\n" + "-" * 40)[0]
-    assert theirs == ours and len(ours) > len("ROMEO:") + 20
+    texts = []
+    for folder in ("run", "hf"):
+        out = io.StringIO()
+        sample.main([f"--out_dir={tmp_path / folder}", "--prompt=ROMEO:", "--temperature=0",
+                     "--max_new_tokens=30", "--dtype=float32"], out=out)
+        texts.append(out.getvalue().split("\n" + "-" * 40)[0])
+    assert theirs == texts[0] == texts[1] and len(theirs) > len("ROMEO:") + 20
 
 
-@pytest.mark.parametrize("make_spec, arch, converts", [(lambda: CHAR_SPEC, "llama", False), (sp_spec, "qwen3", False),
-                                                       (sp_spec, "gpt2", False), (sp_spec, "llama", True)])
-def test_what_llama_cpp_s_converter_would_get_wrong_is_said(tmp_path, capsys, make_spec, arch, converts):
-    # as convert_hf_to_gguf.py of llama-cpp-python 0.3.36's sdist did by hand (it is not installable from PyPI)
-    write_run(tmp_path / "run", make_spec(), **dict(ARCHS[arch], vocab_size=384))
-    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
-    said = "for a GGUF, prepare the data with --tokenizer=sp and export a Llama" in capsys.readouterr().out
-    assert said != converts
-
-
-def test_chat_template_renders_as_sample_py_does(tmp_path):
+def test_chat_template_renders_as_sample_py_does_and_comes_back(tmp_path, monkeypatch):
     from transformers import AutoTokenizer, GenerationConfig
     tok = load_tokenizer(CHAR_SPEC)
-    template = {"user": [70], "assistant": [72], "end_of_turn": [71], "system": "ROMEO:"}  # ids in the padding rows
-    write_run(tmp_path / "run", **dict(PRESETS["classic"], extra=dict(chat_template=template)))
-    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
-    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    messages = [dict(role="system", content="be brief"), dict(role="user", content="hi Romeo"),
-                dict(role="assistant", content="O Juliet"), dict(role="user", content="what light?")]
-    text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert hf_tok.encode(text, add_special_tokens=False) == render_chat(tok, template, messages)[0] + [72]
-    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == hf_tok.encode(text, add_special_tokens=False)
-    generation = GenerationConfig.from_pretrained(tmp_path / "hf")
-    assert generation.eos_token_id == [tok.eot_id, 71]
-    assert 70 not in generation.suppress_tokens and 66 in generation.suppress_tokens and 127 in generation.suppress_tokens
-
-
-def test_a_fine_tuned_model_keeps_its_chat_template_through_export_and_import(tmp_path, monkeypatch):
     template = {"user": [70], "assistant": [72], "end_of_turn": [71], "system": "ROMEO:"}
     write_run(tmp_path / "run", **dict(ARCHS["llama"], extra=dict(chat_template=template)))
-    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    run_export(tmp_path)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [dict(role="system", content="be brief"), dict(role="user", content="hi Romeo"),
+                dict(role="assistant", content="O Juliet"), dict(role="user", content="light?")]
+    text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = hf_tok.encode(text, add_special_tokens=False)
+    assert ids == render_chat(tok, template, messages)[0] + [72]
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == ids
+    generation = GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert generation.eos_token_id == [tok.eot_id, 71]
+    assert 70 not in generation.suppress_tokens and {66, 127} <= set(generation.suppress_tokens)
+
     export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
-    assert runtime.load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))["chat_template"] == template
+    assert load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))["chat_template"] == template
     replies = []
     for folder in ("run", "hf", "back"):  # the folder itself too, as sample.py reads it
         monkeypatch.setattr("sys.stdin", io.StringIO("hi Romeo\nwhat light?\n"))
         out = io.StringIO()
-        sample.main([f"--out_dir={tmp_path / folder}", "--chat", "--system=be brief", "--temperature=0",
-                     "--max_new_tokens=12", "--dtype=float32"], out=out)
+        sample.main([f"--out_dir={tmp_path / folder}", "--chat", "--system=be brief",
+                     "--temperature=0", "--max_new_tokens=12", "--dtype=float32"], out=out)
         replies.append(out.getvalue())
-    assert replies[0] == replies[1] == replies[2] and replies[0].count("\n") == 5  # 2 messages, 2 replies, Ctrl-D
-    (tmp_path / "hf" / export.CHAT_MARKERS).write_text('{"user": 3.5}')
+    assert replies[0] == replies[1] == replies[2]
+    (tmp_path / "hf" / hf_py.CHAT_MARKERS).write_text('{"user": 3.5}')
     with pytest.raises(UserError, match="is not a chat template"):
-        export.load_hf(str(tmp_path / "hf"))
+        hf_py.load_hf(str(tmp_path / "hf"))
 
 
-@pytest.mark.parametrize("arch, what", [(dict(PRESETS["modern"]), "relu2"),
-                                        (dict(PRESETS["modern"], mlp="swiglu", moe_experts=4), "MoE"),
-                                        (dict(PRESETS["classic"], norm="rmsnorm"), "rmsnorm")])
+def refused(tmp_path, *args, match, to="hf"):
+    """export.py refuses in one line, and writes nothing at --to."""
+    with pytest.raises(UserError, match=match) as e:
+        run_export(tmp_path, *args, to=to)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("arch, what", [
+    (dict(PRESETS["modern"]), "relu2"), (dict(PRESETS["classic"], norm="rmsnorm"), "rmsnorm"),
+    (dict(PRESETS["modern"], mlp="swiglu", moe_experts=4), "MoE")])
 def test_what_no_standard_architecture_expresses_is_refused_in_one_line(tmp_path, arch, what):
     write_run(tmp_path / "run", **arch)
-    with pytest.raises(UserError) as e:
-        export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
-    message = str(e.value)
-    assert what in message and "exportable: classic" in message and "\n" not in message
-    assert not os.path.exists(tmp_path / "hf")
+    assert "exportable: classic" in refused(tmp_path, match=what)
+    assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
 def test_a_tokenizer_with_a_morpheme_hook_is_refused_in_one_line(tmp_path):
-    write_run(tmp_path / "run", spec={**CHAR_SPEC, "pretokenize": "tokenizer:mecab_morphemes"}, **ARCHS["llama"])
-    with pytest.raises(UserError) as e:
-        export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
-    assert "pretokenize hook tokenizer:mecab_morphemes" in str(e.value) and "\n" not in str(e.value)
-    assert not os.path.exists(tmp_path / "hf")
+    spec = {**CHAR_SPEC, "pretokenize": "tokenizer:mecab_morphemes"}
+    write_run(tmp_path / "run", spec=spec, **ARCHS["llama"])
+    refused(tmp_path, match="pretokenize hook tokenizer:mecab_morphemes")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_a_broken_checkpoint_is_refused_in_one_line_before_anything_is_written(tmp_path):
+    model = write_run(tmp_path / "run", **ARCHS["llama"])
+    path = tmp_path / "run" / "ckpt.pt"
+    good = torch.load(path, weights_only=True)
+    nan = {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}
+    wider = dict(good["model_config"], n_embd=128)
+    for change, match in [(dict(model=nan), "not finite"), (dict(model={}), "has no model"),
+                          (dict(tokenizer=None), "has no tokenizer"),
+                          (dict(model_config=wider), "do not fit its model_config")]:
+        save_checkpoint(str(path), {**good, **change})
+        refused(tmp_path, match=match)
+        assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
 def test_bad_arguments_say_what_to_give(tmp_path):
     with pytest.raises(UserError, match="give --to"):
         export.main([f"--out_dir={tmp_path}"])
-    with pytest.raises(UserError, match="no checkpoint"):
-        export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
+    with pytest.raises(UserError, match="gguf_type must be"):
+        export.main([f"--out_dir={tmp_path}", "--to_gguf=m.gguf", "--gguf_type=q4"])
+    refused(tmp_path, match="no checkpoint")
     with pytest.raises(UserError, match="no config.json"):
         export.main([f"--from_hf={tmp_path}", f"--to_run={tmp_path / 'run'}"])
-
-
-def test_sample_py_reads_an_exported_folder_directly(tmp_path):
-    write_run(tmp_path / "run", **ARCHS["gpt2"])
-    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
-    args = ["--prompt=ROMEO:", "--temperature=0", "--max_new_tokens=30", "--dtype=float32"]
-    texts = []
-    for folder in ("run", "hf"):
-        out = io.StringIO()
-        sample.main([f"--out_dir={tmp_path / folder}"] + args, out=out)
-        texts.append(out.getvalue())
-    assert texts[0] == texts[1] and len(texts[0]) > len("ROMEO:")
 
 
 def test_export_never_deletes_the_run_or_files_that_are_not_an_export(tmp_path):
     run = tmp_path / "run"
     write_run(run, **ARCHS["gpt2"])
-    for to in (run, run / "hf", tmp_path):  # the run itself, inside it, around it
-        with pytest.raises(UserError, match="overlaps the run"):
-            export.main([f"--out_dir={run}", f"--to={to}", "--overwrite"])
+    for to in ("run", "run/hf", "."):  # the run itself, inside it, around it
+        refused(tmp_path, "--overwrite", to=to, match="overlaps the run")
     assert os.listdir(run) == ["ckpt.pt"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not an earlier export"):
-        export.main([f"--out_dir={run}", f"--to={tmp_path / 'notes'}", "--overwrite"])
+    refused(tmp_path, "--overwrite", to="notes", match="not an earlier export")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
     (tmp_path / "file").write_text("keep me")
-    with pytest.raises(UserError, match="is a file"):
-        export.main([f"--out_dir={run}", f"--to={tmp_path / 'file'}"])
+    refused(tmp_path, to="file", match="is a file")
+    run_export(tmp_path)
+    refused(tmp_path, match="exists and is not empty")
     for _ in range(2):  # an earlier export is replaced
-        export.main([f"--out_dir={run}", f"--to={tmp_path / 'hf'}", "--overwrite"])
-    assert sorted(os.listdir(tmp_path)) == ["file", "hf", "notes", "run"]  # nothing staged is left beside it
+        run_export(tmp_path, "--overwrite")
+    assert sorted(os.listdir(tmp_path)) == [".lock", "file", "hf", "notes", "run"]
 
 
-def test_a_target_that_cannot_be_written_is_one_line_and_the_earlier_export_is_kept(tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    write_run(run, **ARCHS["gpt2"])
-    export.main([f"--out_dir={run}", f"--to={tmp_path / 'hf'}"])
-    before = {name: (tmp_path / "hf" / name).read_bytes() for name in os.listdir(tmp_path / "hf")}
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def read_only(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied")
-
-    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
-    with pytest.raises(UserError, match=f"cannot write {tmp_path / 'hf'}: No space left on device"):
-        export.main([f"--out_dir={run}", f"--to={tmp_path / 'hf'}", "--overwrite"])
-    assert {name: (tmp_path / "hf" / name).read_bytes() for name in os.listdir(tmp_path / "hf")} == before
-    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]
-    monkeypatch.setattr(os, "makedirs", read_only)
-    with pytest.raises(UserError, match=f"cannot write {tmp_path / 'new'}: Permission denied"):  # a read-only parent
-        export.main([f"--out_dir={run}", f"--to={tmp_path / 'new'}"])
+def test_a_second_export_there_is_refused_and_a_killed_one_s_staging_is_removed(tmp_path):
+    write_run(tmp_path / "run", **ARCHS["gpt2"])
+    with locked_folder(str(tmp_path), "export.py"):  # another export.py, writing beside it
+        with pytest.raises(UserError, match=r"is in use by export.py \(pid"):
+            run_export(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [".lock", "run"]
+    for stale in ("hf.4242.tmp", "hf.old.4243.tmp"):  # a killed export's folders
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "model.safetensors").write_text("half")
+    (tmp_path / "other.4244.tmp").mkdir()  # a folder not of this export: kept
+    run_export(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [".lock", "hf", "other.4244.tmp", "run"]
 
 
-def test_a_model_on_the_hub_is_downloaded_then_imported(tmp_path, monkeypatch):
-    import huggingface_hub
-    with pytest.raises(UserError, match="--from_hf=gpt2 is no local folder, and the Hub did not give it"):
-        export.main(["--from_hf=gpt2", f"--to_run={tmp_path / 'gpt2'}"])  # offline
-    model = write_run(tmp_path / "run", **ARCHS["gpt2"])
-    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hub' / 'gpt2'}"])
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, **kwargs: str(tmp_path / "hub" / name))
-    back, _ = export.main(["--from_hf=gpt2", f"--to_run={tmp_path / 'out-gpt2'}"])
-    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("unexpected pos 128 vs 64")])
+def test_a_full_disk_is_one_line_and_the_earlier_export_is_kept(tmp_path, monkeypatch, error):
+    from safetensors import SafetensorError
+    write_run(tmp_path / "run", **ARCHS["gpt2"])
+    run_export(tmp_path)
+    before = files(tmp_path / "hf")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    for failing in (error, SafetensorError("Error while serializing: I/O error: No space left")):
+        error = failing
+        monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", fail)
+        refused(tmp_path, "--overwrite", match=f"cannot write {tmp_path / 'hf'}: .*intact")
+        assert files(tmp_path / "hf") == before
+        assert sorted(os.listdir(tmp_path)) == [".lock", "hf", "run"]
 
 
-def test_a_broken_hugging_face_folder_is_one_line(tmp_path):
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text("{broken")
-    with pytest.raises(UserError, match="config.json does not load"):
-        export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'run'}"])
-    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')  # and no weights
-    with pytest.raises(UserError, match="no file named model.safetensors"):
-        export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'run'}"])
-    (tmp_path / "file").write_text("keep me")
-    with pytest.raises(UserError, match="is a file"):
-        export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'file'}"])
-    assert not os.path.exists(tmp_path / "run")
+def test_a_gguf_is_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    write_run(tmp_path / "run", **ARCHS["llama"])
+    gguf = f"--to_gguf={tmp_path / 'm.gguf'}"
+    refused(tmp_path, gguf, match="convert_hf_to_gguf.py.*pip download")
+    write_run(tmp_path / "run", **ARCHS["qwen3"])  # llama.cpp's Qwen3 reads chars otherwise
+    refused(tmp_path, gguf, match="no GGUF from this model.*converts")
+    write_run(tmp_path / "run", tiktoken_spec(), **dict(ARCHS["llama"], vocab_size=320))
+    refused(tmp_path, gguf, match="knows this BPE vocabulary by no published model")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+LLAMA_CPP = os.environ.get("LLAMA_CPP_DIR", "")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(LLAMA_CPP, "convert_hf_to_gguf.py")),
+                    reason="set LLAMA_CPP_DIR to a llama.cpp source tree (README: Run it in "
+                    "llama.cpp)")
+@pytest.mark.parametrize("make_spec", [lambda: CHAR_SPEC, sp_spec])
+def test_llama_cpp_s_converter_makes_a_gguf_with_our_vocabulary(tmp_path, monkeypatch, make_spec):
+    monkeypatch.syspath_prepend(os.path.join(LLAMA_CPP, "gguf-py"))
+    monkeypatch.setenv("PYTHONPATH", os.path.join(LLAMA_CPP, "gguf-py"))
+    from gguf import GGUFReader
+    spec = make_spec()
+    tok = load_tokenizer(spec)
+    write_run(tmp_path / "run", spec, **dict(ARCHS["llama"], vocab_size=384))
+    run_export(tmp_path, f"--to_gguf={tmp_path / 'm.gguf'}")
+    fields = GGUFReader(str(tmp_path / "m.gguf")).fields
+    value = lambda key: fields[key].contents()  # noqa: E731
+    assert value("general.architecture") == "llama" and value("llama.block_count") == 2
+    tokens = value("tokenizer.ggml.tokens")
+    assert len(tokens) == 384 and value("tokenizer.ggml.bos_token_id") == tok.eot_id
+    assert value("tokenizer.ggml.model") == "llama"  # SentencePiece's way, no space put first
+    assert value("tokenizer.ggml.add_bos_token") and not value("tokenizer.ggml.add_space_prefix")
+    if spec["kind"] == "char":  # each character its own token, spaces as Llama spells them
+        assert tokens[:tok.vocab_size - 1] == [ch.replace(" ", "\u2581") for ch in tok.chars]

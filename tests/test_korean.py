@@ -1,7 +1,8 @@
-"""The Korean route of the 150M article, offline, on the Constitution of the Republic of Korea (tests/data, see
-its README): morpheme hooks whose pieces join back to the text, prepare.py over MeCab's morphemes with the
-recipe's own settings, a tiny MoE that learns, SFT on questions about the articles with the prompt masked, a
-chat reply in the template, and the recipe's Hub source read from a local copy laid out like the Hub's."""
+"""The Korean route of the 150M article, offline, on the Constitution of the Republic of Korea
+(tests/data, see its README): morpheme hooks whose pieces join back to the text, prepare.py over
+MeCab's morphemes with the recipe's own settings, a tiny MoE that learns, SFT on questions about the
+articles with the prompt masked, a chat reply in the template, and the recipe's Hub source read from
+a local copy laid out like the Hub's."""
 
 import json
 import os
@@ -12,17 +13,18 @@ import numpy as np
 import pytest
 import torch
 
+import data
+import engine
 import prepare
-import runtime
-import sample
 import sft
 import tokenizer
 import train
+from checkpoint import load_checkpoint
 from configurator import UserError
 from tokenizer import load_hook, load_tokenizer
 
-pytest.importorskip("mecab_ko")
-pytest.importorskip("kiwipiepy")
+pytest.importorskip("mecab_ko", reason="the Korean route needs mecab-ko: pip install mecab-ko")
+pytest.importorskip("kiwipiepy", reason="the Korean route needs kiwipiepy: pip install kiwipiepy")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSTITUTION = os.path.join(ROOT, "tests", "data", "korean_constitution.txt")
@@ -48,15 +50,15 @@ def workdir(tmp_path, monkeypatch, one_thread):
 
 
 def decoded_splits(data_dir):
-    meta = prepare.load_meta(data_dir)
+    meta = data.load_meta(data_dir)
     tok = load_tokenizer(meta["tokenizer"])
-    ids = {s: np.fromfile(os.path.join(data_dir, f"{s}.bin"), dtype=meta["dtype"]).tolist() for s in prepare.SPLITS}
+    ids = {s: np.fromfile(os.path.join(data_dir, f"{s}.bin"), dtype=meta["dtype"]).tolist() for s in data.SPLITS}
     return meta, tok, ids
 
 
 def articles(text):
-    """{number: first sentence} of the constitution's articles (제N조), the main text only: the supplement
-    (부칙) numbers its own from 1 again."""
+    """{number: first sentence} of the constitution's articles (제N조), the main text only: the
+    supplement (부칙) numbers its own from 1 again."""
     found = {}
     for number, sentence in re.findall(r"^\s*제(\d+)조 (?:① ?)?(.+?다\.)", text, flags=re.MULTILINE):
         found.setdefault(int(number), sentence)
@@ -84,9 +86,10 @@ def test_sentencepiece_learns_no_piece_across_a_morpheme_boundary(workdir):
     for name, hook in (("plain", ""), ("mecab", HOOKS[0])):
         prepare.main([f"--source={CONSTITUTION}", f"--dataset={name}", "--tokenizer=sp", "--sp_vocab_size=1000",
                       f"--pretokenize={hook}"])
-        sp = load_tokenizer(prepare.load_meta(f"data/{name}")["tokenizer"]).sp
+        sp = load_tokenizer(data.load_meta(f"data/{name}")["tokenizer"]).sp
         vocab[name] = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
-    # "the president" + a topic particle, 28 times in the text: one piece without the hook, stem and particle with it
+    # "the president" + a topic particle, 28 times in the text: one piece without the hook, stem and
+    # particle with it
     assert "▁대통령은" in vocab["plain"] and "▁대통령" in vocab["mecab"] and "▁대통령은" not in vocab["mecab"]
 
 
@@ -97,10 +100,11 @@ def test_the_recipe_end_to_end_at_a_tiny_size_pretrains_fine_tunes_and_chats(wor
     assert tok.decode(ids["train"]) + tok.decode(ids["val"]) == constitution
     train.main([RECIPE, "--dataset=ko", "--out_dir=base", "--max_iters=100", "--eval_interval=50"] + TINY_MOE)
     evals = [json.loads(line) for line in open("base/log.jsonl") if "val_loss" in line]
-    assert runtime.load_checkpoint("base/ckpt.pt")["model_config"]["moe_experts"] == 4
+    assert load_checkpoint("base/ckpt.pt")["model_config"]["moe_experts"] == 4
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5, evals
 
-    # three ways to ask about each article: the held-out conversations ask about articles trained in other words
+    # three ways to ask about each article: the held-out conversations ask about articles trained in
+    # other words
     asked = ["헌법 제{}조는 무엇을 정하나요?", "제{}조의 내용을 알려 주세요.", "대한민국 헌법 제{}조에 따르면?"]
     with open("qa.jsonl", "w", encoding="utf-8") as f:
         for n, answer in articles(constitution).items():
@@ -111,18 +115,18 @@ def test_the_recipe_end_to_end_at_a_tiny_size_pretrains_fine_tunes_and_chats(wor
     evals = [json.loads(line) for line in open("chat/log.jsonl") if "val_loss" in line]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5, evals  # step 0 evaluates the pretrained weights
 
-    checkpoint = runtime.load_checkpoint("chat/ckpt.pt")
+    checkpoint = load_checkpoint("chat/ckpt.pt")
     template = checkpoint["chat_template"]
-    data = sft.PackedChats(sft.SFTConfig(sources="qa.jsonl", identity_rate=0), 0, tok, template, 128, {},
-                           lambda *a: None)
-    targets = data.batch("train", torch.arange(len(data.rows["train"])), 128)[1]
+    chats = sft.PackedChats(sft.SFTConfig(sources="qa.jsonl", identity_rate=0), 0, tok, template, 128, {})
+    targets = chats.batch("train", torch.arange(len(chats.rows["train"])), 128)[1]
     trained = tok.decode([int(t) for row in targets for t in row if 0 <= t < tok.vocab_size])
     assert "대한민국은 민주공화국이다." in trained and "무엇을 정하나요" not in trained  # the prompt is masked
 
-    # sample.py --chat's conversation: a reply generated after the assistant marker, ended by end_of_turn
-    model, chat_tok, _ = sample.load(sample.SampleConfig(out_dir="chat"))
+    # a chat as sample.py --chat holds it: a reply generated after the assistant marker, ended by
+    # end_of_turn
+    model, chat_tok, _ = engine.load_model("chat", device="cpu", dtype="float32")
     for n in (1, 3, 66):
-        conversation, question = sample.Chat(model, chat_tok, template), asked[0].format(n)
+        conversation, question = engine.Chat(model, chat_tok, template), asked[0].format(n)
         reply = "".join(conversation.respond(question, max_new_tokens=60, temperature=0))
         print(f"{question} -> {reply}", file=sys.stderr)
         generated = len(conversation.turns[-1]) - len(conversation.user_turn(question))
@@ -130,8 +134,9 @@ def test_the_recipe_end_to_end_at_a_tiny_size_pretrains_fine_tunes_and_chats(wor
 
 
 def test_the_hub_source_streams_the_korean_subset_of_a_local_copy(workdir, constitution, monkeypatch):
-    """hf:wikimedia/wikipedia's layout: a folder per subset, parquet shards with columns id, url, title, text,
-    and the README's configs naming them; here with the articles of the constitution as pages."""
+    """hf:wikimedia/wikipedia's layout: a folder per subset, parquet shards with columns id, url,
+    title, text, and the README's configs naming them; here with the articles of the constitution as
+    pages."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -154,7 +159,7 @@ def test_the_hub_source_streams_the_korean_subset_of_a_local_copy(workdir, const
     meta, tok, ids = decoded_splits("data/kowiki")
     assert meta["val_documents"] == 13 and meta["train_documents"] == 117  # every 10th page validates
     for split, wanted in (("val", True), ("train", False)):
-        pages_of_split = [t for i, t in enumerate(pages["20231101.ko"]) if prepare.is_val(i, 0.1) == wanted]
+        pages_of_split = [t for i, t in enumerate(pages["20231101.ko"]) if data.is_val(i, 0.1) == wanted]
         assert tok.decode(ids[split]) == "".join(pages_of_split)  # the end-of-text tokens decode to nothing
 
 

@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
+import checkpoint as ckpt
+import engine
 import prepare
-import runtime
 import sample
 import train
 from configurator import UserError
@@ -45,7 +46,7 @@ def write_run(out_dir, model=None, **extra):
     """A run directory holding a checkpoint with the keys train.py writes."""
     model = model or tiny_model()
     os.makedirs(out_dir, exist_ok=True)
-    checkpoint = dict(version=runtime.CHECKPOINT_VERSION, model=model.state_dict(),
+    checkpoint = dict(version=ckpt.CHECKPOINT_VERSION, model=model.state_dict(),
                       model_config=dataclasses.asdict(model.config), config={}, tokenizer=SPEC, state=dict(step=0))
     torch.save({**checkpoint, **extra}, os.path.join(out_dir, "ckpt.pt"))
     return str(out_dir)
@@ -111,8 +112,8 @@ def test_a_character_split_over_byte_tokens_is_printed_whole():
     tokenizer = load_tokenizer({"kind": "tiktoken", "ranks": ranks})
     ids = tokenizer.encode("né")
     assert len(ids) == 3  # "é" is two byte tokens
-    assert sample.printable(tokenizer, ids[:2]) == ("n", False)  # half a character waits
-    assert sample.printable(tokenizer, ids) == ("né", False)
+    assert engine.printable(tokenizer, ids[:2]) == ("n", False)  # half a character waits
+    assert engine.printable(tokenizer, ids) == ("né", False)
 
 
 def byte_and_sentencepiece_tokenizers():
@@ -135,7 +136,7 @@ def test_streamed_text_equals_the_whole_decode_and_decodes_only_the_last_ids(tok
     decoded_lengths = []
     real_decode = tokenizer.decode
     tokenizer.decode = lambda part: decoded_lengths.append(len(part)) or real_decode(part)
-    stream = sample.TextStream(tokenizer)
+    stream = engine.TextStream(tokenizer)
     text = "".join(stream.push(i) for i in ids) + stream.flush()
     assert text == real_decode(ids)  # random ids too: invalid byte sequences, split characters, leading spaces
     assert max(decoded_lengths) <= 32  # a short window (a run of invalid bytes waits longer), never all 600
@@ -200,7 +201,7 @@ def count_forward_tokens(monkeypatch, model):
 @pytest.mark.parametrize("preset", ["classic", "modern"])
 def test_the_second_turn_prefills_only_new_tokens_and_matches_full_recompute(monkeypatch, preset):
     model, tokenizer = tiny_model(preset, block_size=128), load_tokenizer(SPEC)
-    chat = sample.Chat(model, tokenizer, TEMPLATE, system="be brief")
+    chat = engine.Chat(model, tokenizer, TEMPLATE, system="be brief")
     "".join(chat.respond("hello there", max_new_tokens=12, temperature=0))
     after_first = chat.prefix + chat.turns[0]
     unfed = len(after_first) - chat.cache.pos  # the last sampled token (and an appended end marker)
@@ -221,7 +222,7 @@ def test_the_second_turn_prefills_only_new_tokens_and_matches_full_recompute(mon
 
 def test_context_overflow_drops_whole_turns_and_rebuilds_the_cache(capsys):
     model, tokenizer = tiny_model(block_size=64), load_tokenizer(SPEC)
-    chat = sample.Chat(model, tokenizer, TEMPLATE, system="hi")
+    chat = engine.Chat(model, tokenizer, TEMPLATE, system="hi")
     finished = []
     for message in ["one", "two", "three", "four", "five", "six"]:
         "".join(chat.respond(message, max_new_tokens=8, temperature=0))
@@ -249,7 +250,7 @@ def test_a_reply_stops_at_the_end_of_turn_marker(monkeypatch, marker):
         yield from (torch.tensor([t]) for t in script[:max_new_tokens])
 
     monkeypatch.setattr(model, "generate", scripted_generate)
-    chat = sample.Chat(model, tokenizer, template)
+    chat = engine.Chat(model, tokenizer, template)
     pieces = list(chat.respond("hi", max_new_tokens=30))
     assert "".join(pieces) == "so <long"
     assert chat.turns[0][-len(end):] == end and chat.turns[0][:-len(end)][-4:] == tokenizer.encode("long")
@@ -260,7 +261,7 @@ def test_a_reply_stops_at_the_end_of_turn_marker(monkeypatch, marker):
 def test_chat_loop_reports_bad_messages_and_goes_on(tmp_path, capsys):
     run = write_run(tmp_path / "run", chat_template=TEMPLATE)
     cfg = sample.SampleConfig(out_dir=run, chat=True, max_new_tokens=5)
-    model, tokenizer, checkpoint = sample.load(cfg)
+    model, tokenizer, checkpoint = engine.load_model(run)
     messages = iter(["HELLO", "x" * 70, "hello"])
 
     def read(prompt):
@@ -270,7 +271,7 @@ def test_chat_loop_reports_bad_messages_and_goes_on(tmp_path, capsys):
         return message
 
     out = io.StringIO()
-    sample.chat(model, tokenizer, checkpoint, cfg, out, read=read)
+    sample.chat(model, tokenizer, checkpoint, cfg, torch.Generator().manual_seed(0), out, read=read)
     err = capsys.readouterr().err
     assert "not in the char vocabulary" in err and "shorten it" in err
     lines = out.getvalue().split("\n")
@@ -295,7 +296,7 @@ def test_each_bad_input_is_one_clear_line(tmp_path, capsys):
     with pytest.raises(UserError, match="is not a checkpoint of this code's train.py"):
         run_sample(f"--out_dir={tmp_path / 'weights'}")
     write_run(tmp_path / "other", model=tiny_model(), model_config=dict(dataclasses.asdict(tiny_model().config), n_embd=48))
-    with pytest.raises(UserError, match="incompatible version"):
+    with pytest.raises(UserError, match="its weights do not fit its model_config"):
         run_sample(f"--out_dir={tmp_path / 'other'}")
     with pytest.raises(UserError, match="2 characters not in the char vocabulary: 'GK'"):
         run_sample(f"--out_dir={run}", "--prompt=the KinG")
@@ -318,7 +319,7 @@ def test_a_system_message_too_long_for_the_context_is_blamed_not_the_message(tmp
     with pytest.raises(UserError, match="the system message takes 506 tokens and the context holds 32, leaving no room"):
         run_sample(f"--out_dir={run}", "--chat", "--system=" + "a" * 500)
     # a system message that fits but leaves little room: the error says how much it takes
-    chat = sample.Chat(tiny_model(block_size=32), load_tokenizer(SPEC), TEMPLATE, system="a" * 10)
+    chat = engine.Chat(tiny_model(block_size=32), load_tokenizer(SPEC), TEMPLATE, system="a" * 10)
     with pytest.raises(UserError, match="takes 20 tokens and the context holds 32, 16 of them taken by the system message"):
         "".join(chat.respond("hello there", max_new_tokens=5))
 
@@ -342,45 +343,3 @@ def test_a_system_message_without_chat_and_a_temperature_that_is_not_a_number_ar
     (tmp_path / "recipe.py").write_text("temperature = float('nan')\n")  # was torch.multinomial's traceback
     with pytest.raises(UserError, match="temperature must be a finite number, got nan"):
         sample.main([str(tmp_path / "recipe.py")])
-
-
-def test_decoding_times_each_forward_and_undoes_its_settings(monkeypatch):
-    torch.set_num_threads(2)  # the one_thread fixture restores the count after the test
-    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
-    ticks = []
-    monkeypatch.setattr(runtime.ThreadTuner, "tick", lambda self: ticks.append(torch.get_num_threads()))
-    with sample.decoding(model):
-        list(model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0))
-    assert ticks == [2] * 6  # the prompt's forward, then one per token after it
-    with sample.decoding(model, threads=1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == 2 and not model._forward_hooks and not model._forward_pre_hooks
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_split_products_give_the_same_tokens_and_logits_and_are_undone(monkeypatch, bias):
-    torch.set_num_threads(2)
-    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=bias)).eval()
-    prompt = torch.tensor([[5, 9, 2]])
-    with torch.no_grad():  # every product, bit for bit
-        for linear in (module for module in model.modules() if isinstance(module, torch.nn.Linear)):
-            row = torch.randn(1, 1, linear.in_features)
-            assert torch.equal(sample.OneRowSplit(linear)(row), linear(row))
-    whole = list(model.generate(prompt, 12, generator=torch.Generator().manual_seed(0)))
-    monkeypatch.setattr(sample, "split_pays", lambda linears, say: True)  # split whatever this machine's timing
-    with sample.split_products(model, print):
-        assert all("forward" in vars(linear) for linear in model.modules() if isinstance(linear, torch.nn.Linear))
-        split = list(model.generate(prompt, 12, generator=torch.Generator().manual_seed(0)))
-    assert torch.equal(torch.cat(split), torch.cat(whole))
-    assert not any("forward" in vars(module) for module in model.modules())
-
-
-def test_split_products_are_timed_and_not_tried_on_one_thread(capsys):
-    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
-    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
-    torch.set_num_threads(1)
-    assert sample.split_pays(linears, print) is False and capsys.readouterr().out == ""
-    torch.set_num_threads(2)
-    sample.split_pays(linears, print)
-    assert re.fullmatch(r"decoding: a token's products (split|whole) on 2 threads \([\d.]+ ms split, [\d.]+ ms whole\)\n",
-                        capsys.readouterr().out)

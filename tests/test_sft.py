@@ -14,8 +14,11 @@ import sys
 import pytest
 import torch
 
+import chat_data
+import checkpoint as ckpt_module
+import data
+import engine
 import prepare
-import runtime
 import sample
 import sft
 import train
@@ -88,7 +91,7 @@ def packed_batch(tmp_path, mask_prompt=True):
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(map(json.dumps, rows)))
     cfg = sft.SFTConfig(sources=str(path), identity_rate=0.0, val_fraction=0.25, mask_prompt=mask_prompt)
-    data = sft.PackedChats(cfg, 0, TOKENIZER, SPECIAL, 128, {}, lambda *a: None)
+    data = sft.PackedChats(cfg, 0, TOKENIZER, SPECIAL, 128, {})
     return data, data.batch("train", torch.arange(len(data.rows["train"])), 128)
 
 
@@ -123,7 +126,7 @@ def test_identity_conversations_appear_at_the_configured_rate(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": f"r{i}"}) for i in range(1000)))
     cfg = sft.SFTConfig(sources=str(path), identity_rate=0.2, identity_name="Puck", identity_maker="Oberon")
-    train_set, val_set = sft.load_conversations(cfg, 0, random.Random(0), lambda *a: None)
+    train_set, val_set = chat_data.load_conversations(cfg, 0, lambda *a: None)
     identity = [c for c in train_set if "Puck" in c[1]["content"] or "Oberon" in c[1]["content"]]
     assert len(identity) / len(train_set) == pytest.approx(0.2, abs=0.005)
     assert any("Puck" in c[1]["content"] for c in val_set)
@@ -140,7 +143,7 @@ def test_a_sample_claiming_to_be_another_model_is_dropped_and_counted(tmp_path):
     path.write_text("\n".join(json.dumps({"instruction": q, "input": "", "output": a}) for q, a in rows))
     said = []
     cfg = sft.SFTConfig(sources=str(path), identity_rate=0.0, val_fraction=0.2)
-    train_set, val_set = sft.load_conversations(cfg, 0, random.Random(0), said.append)
+    train_set, val_set = chat_data.load_conversations(cfg, 0, said.append)
     kept = {c[1]["content"] for c in train_set + val_set}
     assert kept == {rows[3][1], rows[4][1], rows[5][1]}
     assert "3 claiming to be another model dropped" in said[0]
@@ -186,7 +189,7 @@ def test_hub_format_data_loads_through_datasets(tmp_path):
     folder.mkdir()
     datasets.Dataset.from_list(ultrachat).to_parquet(str(folder / "train_sft-00000.parquet"))
     cfg = sft.SFTConfig(sources=f"hf:{folder}:train@10", identity_rate=0.0, val_fraction=0.1)
-    train_set, val_set = sft.load_conversations(cfg, 0, random.Random(0), lambda *a: None)
+    train_set, val_set = chat_data.load_conversations(cfg, 0, lambda *a: None)
     assert len(train_set) + len(val_set) == 10
     assert sorted(c[0]["content"] for c in train_set + val_set) == sorted(f"hello {i}" for i in range(10))
 
@@ -197,7 +200,7 @@ def test_fine_tuning_beats_the_base_model_and_chats_in_the_template(base_run, ca
     evals = [r for r in read_log("out-sft") if "val_loss" in r]
     base, tuned = evals[0]["val_loss"], evals[-1]["val_loss"]  # step 0 evaluates the pretrained weights
     assert tuned < base - 1.0, (base, tuned)
-    checkpoint = runtime.load_checkpoint("out-sft/ckpt.pt")
+    checkpoint = ckpt_module.load_checkpoint("out-sft/ckpt.pt")
     tokenizer = load_tokenizer(checkpoint["tokenizer"])
     assert checkpoint["chat_template"] == chat_template(tokenizer, 64)
     # sample.py --chat renders with the stored template and the reply ends at end_of_turn
@@ -210,9 +213,9 @@ def test_fine_tuning_beats_the_base_model_and_chats_in_the_template(base_run, ca
             raise EOFError
 
     cfg = sample.SampleConfig(out_dir="out-sft", temperature=0, max_new_tokens=40)
-    model, tokenizer, ckpt = sample.load(cfg)
+    model, tokenizer, ckpt = engine.load_model("out-sft")
     out = io.StringIO()
-    sample.chat(model, tokenizer, ckpt, cfg, out, read=read)
+    sample.chat(model, tokenizer, ckpt, cfg, torch.Generator().manual_seed(0), out, read=read)
     answer = out.getvalue().strip()
     assert "plus" in answer and len(answer) < 40, answer
 
@@ -241,14 +244,14 @@ def test_rows_that_are_not_utf8_json_or_conversation_objects_name_their_line(tmp
                                 ("text.jsonl", '"text"', 'line 2: a row "text" is not a conversation object')]:
         (tmp_path / name).write_bytes(f"{good}\n{second}\n".encode("latin-1"))  # "é" in latin-1 is not UTF-8
         with pytest.raises(UserError, match=f"{name} {error}"):
-            sft.read_source(str(tmp_path / name), 0, cfg, 0)
+            list(chat_data.read_source(str(tmp_path / name), 0, cfg.demo_conversations, 0))
 
 
 def test_a_malformed_json_line_names_the_file_and_its_line_number(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"prompt": "hi", "response": "yo."}) + "\n\n" + '{"prompt": "hi", "response": }\n')
     with pytest.raises(UserError, match=r"chat.jsonl line 3 is not JSON \(Expecting value at column 30\)"):
-        sft.read_source(str(path), 0, sft.SFTConfig(), 0)
+        chat_data.read_source(str(path), 0, 4000, 0)
 
 
 def test_messages_that_are_not_a_list_of_objects_are_counted_as_malformed(tmp_path):
@@ -258,14 +261,14 @@ def test_messages_that_are_not_a_list_of_objects_are_counted_as_malformed(tmp_pa
     path.write_text("\n".join(map(json.dumps, rows)))
     said = []
     cfg = sft.SFTConfig(sources=str(path), identity_rate=0.0, val_fraction=0.25)
-    train_set, val_set = sft.load_conversations(cfg, 0, random.Random(0), said.append)
+    train_set, val_set = chat_data.load_conversations(cfg, 0, said.append)
     assert len(train_set) + len(val_set) == 8 and "12 conversations, 4 malformed" in said[0]
 
 
 def test_the_demo_exam_skips_questions_longer_than_the_context(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16))
-    torch.save(dict(version=runtime.CHECKPOINT_VERSION, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+    torch.save(dict(version=ckpt_module.CHECKPOINT_VERSION, model=model.state_dict(), model_config=dataclasses.asdict(model.config),
                     config={}, tokenizer={"kind": "char", "chars": CHARS}, chat_template=SPECIAL), tmp_path / "best.pt")
     questions = [[dict(role="user", content=q), dict(role="assistant", content="4.")]
                  for q in ["add 2 and 2.", "which play has " + "x" * 40 + " in it?"]]
@@ -276,9 +279,9 @@ def test_the_demo_exam_skips_questions_longer_than_the_context(tmp_path):
 
 def test_negative_epochs_are_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="epochs must be a positive number of passes, or 0 to run max_iters steps; got -1"):
+    with pytest.raises(UserError, match=r"epochs must not be negative \(0 runs max_iters steps\)"):
         sft.main(["--epochs=-1"])
-    with pytest.raises(UserError, match="lr_fraction multiplies the pretraining learning rates and must be more than 0"):
+    with pytest.raises(UserError, match="lr_fraction multiplies pretraining's rates: above 0"):
         sft.main(["--lr_fraction=-0.1"])
 
 
@@ -286,15 +289,15 @@ def test_the_offline_demo_fits_the_quick_start_model():
     """Every demo conversation uses only characters of the plays (the Quick-start char vocabulary) and
     fits its 128-token context, so none is skipped or split."""
     chars = set()
-    for path in prepare.shakespeare_plays():
+    for path in data.shakespeare_plays():
         with open(path, encoding="utf-8") as f:
-            chars |= set(prepare.markdown_play_to_text(f.read()))
+            chars |= set(data.markdown_play_to_text(f.read()))
     tokenizer = load_tokenizer({"kind": "char", "chars": "".join(sorted(chars))})
     template = chat_template(tokenizer, 128)
-    conversations = sft.demo_conversations(500, 0)
+    conversations = chat_data.demo_conversations(500, 0)
     kinds = {c[0]["content"].split()[0] for c in conversations}
     assert kinds == {"Which", "Give", "Add"}
-    answers = [c[1]["content"] for c in sft.demo_conversations(4000, 0)]  # as many as sft.py's demo makes
+    answers = [c[1]["content"] for c in chat_data.demo_conversations(4000, 0)]  # as many as sft.py's demo makes
     assert not any(" in ACT " in a or " in PROLOGUE" in a for a in answers)  # the play's title, not its first heading
     assert any("speaks in Measure for Measure" in a for a in answers)
     for messages in conversations:
@@ -329,9 +332,9 @@ def test_resume_continues_with_the_fine_tuning_learning_rate(base_run):
     with pytest.raises(UserError, match="--resume: resumed was fine-tuned on --sources=chat.jsonl, not demo"):
         sft.main([a for a in args if not a.startswith("--sources")] + ["--max_iters=12", "--out_dir=resumed", "--resume"])
     # each script resumes its own runs only: train.py would train the chat model on pretraining data
-    with pytest.raises(UserError, match="resumed/ckpt.pt is a fine-tuning run of sft.py: resume it with python sft.py"):
+    with pytest.raises(UserError, match="resumed/ckpt.pt is a fine-tuning run: resume it with python sft.py"):
         train.main(["--dataset=tiny", "--out_dir=resumed", "--resume", "--max_iters=12"])
-    with pytest.raises(UserError, match="--resume: base/ckpt.pt is a pretraining run of train.py: resume it with train.py"):
+    with pytest.raises(UserError, match="--resume: base/ckpt.pt is a pretraining run: resume it with train.py"):
         sft.main(["--out_dir=base", "--sources=chat.jsonl", "--resume"])
 
 
@@ -339,4 +342,4 @@ def test_epochs_set_the_step_budget_from_the_packed_rows(base_run, capsys):
     sft.main(["--init_from=base", "--sources=chat.jsonl", "--identity_rate=0", "--epochs=0.5", "--sample_tokens=0",
               "--eval_interval=1000"])
     rows = int(capsys.readouterr().out.split(" conversations -> ")[1].split("packed into ")[1].split(" rows")[0].replace(",", ""))
-    assert runtime.load_checkpoint("out-sft/ckpt.pt")["state"]["step"] == math.ceil(0.5 * rows / 16)  # 16 rows a step
+    assert ckpt_module.load_checkpoint("out-sft/ckpt.pt")["state"]["step"] == math.ceil(0.5 * rows / 16)  # 16 rows a step

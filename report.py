@@ -1,0 +1,187 @@
+"""A run's report: loss.png (its curves) and report.md (one page: what it was and what it reached),
+drawn from out_dir/log.jsonl and its checkpoint alone, so any run, old or unfinished, can be drawn
+again. train.py and sft.py write it at the end of every run.
+
+    python report.py --out_dir=out
+"""
+
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+
+import configurator  # first: Ctrl-C during the imports is one line
+from configurator import UserError
+from files import read_log, replace_atomically, write_atomically
+
+PLOT_SIZE = (8, 4.5)   # inches, at 100 dpi: an 800 x 450 PNG
+PLOT_POINTS = 2000     # training points drawn at most: a long log is thinned, evenly
+
+
+@dataclass
+class ReportConfig:
+    out_dir: str = "out"
+
+
+def main(argv):
+    cfg = configurator.build(ReportConfig, configurator.parse(argv, ReportConfig))
+    if not os.path.isfile(os.path.join(cfg.out_dir, "log.jsonl")):
+        raise UserError(f"{cfg.out_dir} has no log.jsonl: give the out_dir of a train.py or "
+                        "sft.py run")
+    write_report(cfg.out_dir)
+
+
+def write_report(out_dir, say=print, samples=True):
+    """loss.png and report.md in out_dir. What cannot be drawn (no matplotlib, no checkpoint yet)
+    is said in one line of the report; a failure to write them is one line here, never a crash."""
+    try:
+        log = read_log(out_dir)
+        checkpoint, info = newest_checkpoint(out_dir)
+        summary = summarize(log, info)
+        plot = draw_loss(log, os.path.join(out_dir, "loss.png"), summary,
+                         sft="sft" in (checkpoint or {}))
+        texts = sample_texts(out_dir, checkpoint) if samples and checkpoint else []
+        page = markdown(out_dir, summary, info, plot, texts)
+        write_atomically(os.path.join(out_dir, "report.md"), page)
+    except Exception as e:  # the run itself is done and saved: a report is never worth a crash
+        say(f"report not written: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        return
+    curves = f", curves: {out_dir}/loss.png" if plot is None else f" ({plot})"
+    say(f"report: {out_dir}/report.md{curves}")
+
+
+def newest_checkpoint(out_dir):
+    """(best.pt, or else ckpt.pt, as a dict or None) and what the run recorded of itself: the
+    checkpoint's "run" entry, or config.json's."""
+    import torch
+    checkpoint = None
+    for name in ("best.pt", "ckpt.pt"):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            break
+    info = (checkpoint or {}).get("run")
+    if info is None and os.path.isfile(os.path.join(out_dir, "config.json")):
+        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    return checkpoint, info or {}
+
+
+def summarize(log, info):
+    """The run's figures, every one taken from log.jsonl (the last line's counts cover every
+    segment of a resumed run: its lines up to the checkpoint are kept, the rest trained again)."""
+    trains = [r for r in log if r.get("train_loss") is not None]
+    evals = [r for r in log if "val_loss" in r]
+    last = log[-1] if log else {}
+    summary = dict(steps=last.get("step", 0), tokens=last.get("tokens", 0),
+                   flops=last.get("flops", 0.0), seconds=last.get("elapsed", 0.0),
+                   skipped=sum(1 for r in log if r.get("skipped")), evaluations=len(evals),
+                   train_loss=trains[-1]["train_loss"] if trains else None)
+    if summary["seconds"]:
+        summary["tok_per_sec"] = summary["tokens"] / summary["seconds"]
+    speeds = [r["tok_per_sec"] for r in trains if r.get("tok_per_sec")]
+    mfus = [r["mfu"] for r in trains if r.get("mfu") is not None]
+    summary["median_tok_per_sec"] = statistics.median(speeds) if speeds else None
+    summary["median_mfu"] = statistics.median(mfus) if mfus else None
+    if evals:
+        best = min(evals, key=lambda r: r["val_loss"])
+        summary.update(final=evals[-1], best=best)
+    if summary["tokens"] and summary["flops"]:
+        summary["flops_per_token"] = summary["flops"] / summary["tokens"]
+    return summary
+
+
+def draw_loss(log, path, summary, sft=False):
+    """The training and validation losses against tokens, the best evaluation starred; None once
+    drawn, else why not (one line)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "no loss.png: pip install matplotlib to draw it"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    trains = [r for r in log if r.get("train_loss") is not None]
+    trains = trains[::math.ceil(len(trains) / PLOT_POINTS)] if trains else []
+    evals = [r for r in log if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=PLOT_SIZE, dpi=100)
+    what = "loss on the assistant's tokens" if sft else "loss"
+    ax.plot([r["tokens"] for r in trains], [r["train_loss"] for r in trains], lw=1,
+            label=f"train {what}")
+    ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3,
+            label=f"validation {what}")
+    if "best" in summary:
+        best = summary["best"]
+        ax.plot([best["tokens"]], [best["val_loss"]], "*", ms=14, color="C3",
+                label=f"best.pt: {best['val_loss']:.4f} at step {best['step']}")
+    ax.set(xlabel="tokens seen", ylabel="loss (nats per token)", title=os.path.dirname(path) or ".")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    replace_atomically(path, lambda f: fig.savefig(f, format="png"), "wb")
+    plt.close(fig)
+    return None
+
+
+def sample_texts(out_dir, checkpoint, count=2, tokens=100):
+    """A few samples of the checkpoint, or for a fine-tuned one a short greedy chat."""
+    import torch
+    from checkpoint import build_model
+    from engine import Chat, sample_text
+    from tokenizer import load_tokenizer
+    model = build_model(checkpoint, out_dir).eval()
+    tokenizer = load_tokenizer(checkpoint["tokenizer"])
+    template = checkpoint.get("chat_template")
+    if template:
+        chat = Chat(model, tokenizer, template)
+        questions = ["Hello!", "Who are you?", "Add 2 and 3."]
+        with torch.no_grad():
+            return [f"> {q}\n{''.join(chat.respond(q, tokens, temperature=0))}" for q in questions]
+    return [sample_text(model, tokenizer, [tokenizer.eot_id], tokens, seed,
+                        vocab_size=tokenizer.vocab_size) for seed in range(count)]
+
+
+def markdown(out_dir, summary, info, plot, samples):
+    """report.md: the command, the model, what the run spent and reached, the machine, samples."""
+    model, train = info.get("model", {}), info.get("train", {})
+    fmt = lambda value, spec: "n/a" if value is None else format(value, spec)  # noqa: E731
+    lines = [f"# {os.path.basename(os.path.abspath(out_dir))}", "",
+             f"`{info.get('command', 'command not recorded (a run of older code)')}`", "",
+             "![loss](loss.png)" if plot is None else f"*{plot}*", "", "| | |", "|---|---|"]
+    rows = [("model", f"{model.get('n_layer', '?')} layers x {model.get('n_embd', '?')} wide, "
+                      f"{model.get('pos_emb', '?')} positions, {model.get('mlp', '?')} MLP"
+                      + (f", {model['moe_experts']} experts" if model.get("moe_experts") else "")),
+            ("FLOPs per token", fmt(summary.get("flops_per_token"), ".4g")),
+            ("steps", f"{summary['steps']:,}"
+                      + (f" ({summary['skipped']} skipped)" if summary["skipped"] else "")),
+            ("tokens seen", f"{summary['tokens']:,}"),
+            ("FLOPs spent", fmt(summary["flops"], ".3g")),
+            ("wall time", f"{summary['seconds']:.1f} s"),
+            ("tokens/s", f"{fmt(summary.get('tok_per_sec'), ',.0f')} over the run, "
+                         f"{fmt(summary['median_tok_per_sec'], ',.0f')} median while training"),
+            ("MFU", "n/a (no known peak)" if summary["median_mfu"] is None else
+             f"{100 * summary['median_mfu']:.1f}% median"),
+            ("last training loss", fmt(summary["train_loss"], ".4f"))]
+    for key, label in (("final", "final"), ("best", "best")):
+        if key in summary:
+            r = summary[key]
+            rows.append((f"{label} validation", f"loss {r['val_loss']:.4f}, "
+                         f"{r['val_bpb']:.4f} bits/byte (step {r['step']})"))
+    if "best" not in summary:
+        rows.append(("validation", "no evaluation yet"))
+    rows += [("machine", f"torch {info.get('torch', '?')}, {info.get('device', '?')}, "
+                         f"{info.get('threads', '?')} threads, {info.get('dtype', '?')}"),
+             ("settings", f"optimizer {train.get('optimizer', '?')}, "
+                          f"lr {train.get('learning_rate', '?')}, "
+                          f"batch {train.get('batch_size', '?')}, seed {train.get('seed', '?')}")]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    if samples:
+        lines += ["", "## Samples", ""] + [f"```\n{s.strip()}\n```" for s in samples]
+    config = json.dumps(info.get("train", {}), indent=1)
+    lines += ["", "## Resolved config", "", "```json", config, "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    configurator.run_script(main)
