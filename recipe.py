@@ -109,7 +109,7 @@ class Muon(torch.optim.Optimizer):
     with Nesterov momentum whose update is orthogonalised by a Newton-Schulz iteration, scaled by
     sqrt(max(1, rows / cols)), with decoupled weight decay: torch.optim.Muon's algorithm and
     defaults, with the iteration in a dtype of our choice. torch's runs it in bf16, which a CPU
-    without bf16 instructions emulates: 26x slower a step on the 2-core EPYC (RESULTS.md)."""
+    without bf16 instructions emulates, many times slower (measured in RESULTS.md)."""
 
     def __init__(self, params, lr, weight_decay, momentum=0.95, orthogonalise_in=torch.bfloat16):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))

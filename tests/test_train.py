@@ -71,6 +71,15 @@ def test_loss_falls_and_the_run_directory_follows_the_contract(tiny_data):
     assert last["tokens"] == 80 * 8 * 32
     for name in ("ckpt.pt", "best.pt", "config.json", "loss.png", "report.md"):
         assert os.path.isfile(os.path.join("run", name))
+    with open("run/loss.png", "rb") as f:  # a PNG: its signature, then IHDR's width and height
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[16:24] == (800).to_bytes(4, "big") + (
+        450).to_bytes(4, "big")
+    page = open("run/report.md").read()
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert f"| final validation | loss {last['val_loss']:.4f}, {last['val_bpb']:.4f} bits/byte" in page
+    assert f"| best validation | loss {best['val_loss']:.4f}" in page
+    assert f"| tokens seen | {last['tokens']:,} |" in page
     checkpoint = ckpt.load_checkpoint("run/ckpt.pt")
     assert checkpoint["state"]["step"] == 80 and checkpoint["config"]["max_iters"] == 80
     assert checkpoint["tokenizer"] == meta["tokenizer"]
