@@ -28,12 +28,14 @@ dropout = 0.0
 bias = False
 
 # training: README command --batch_size=12 --max_iters=2000 --lr_decay_iters=2000
-batch_size = 12              # no gradient accumulation (train_shakespeare_char.py: gradient_accumulation_steps = 1)
+# no gradient accumulation (train_shakespeare_char.py: gradient_accumulation_steps = 1)
+batch_size = 12
 max_iters = 2000
 optimizer = "adamw"
 learning_rate = 1e-3         # train_shakespeare_char.py
 min_lr_ratio = 0.1           # train_shakespeare_char.py: min_lr = 1e-4 = learning_rate / 10
-lr_schedule = "cosine"       # nanoGPT: linear warmup, cosine decay to min_lr at lr_decay_iters (= max_iters here)
+# nanoGPT: linear warmup, cosine decay to min_lr at lr_decay_iters (= max_iters here)
+lr_schedule = "cosine"
 warmup_iters = 100           # train_shakespeare_char.py
 beta1 = 0.9                  # nanoGPT default
 beta2 = 0.99                 # train_shakespeare_char.py

@@ -1,7 +1,7 @@
-# The 350M article (untitled; it opens "What is the most powerful LLM that can realistically be trained for
-# less than $100?"): GPT-3 Medium's shape (24 layers, 16 heads, 1,024 dims) with RoPE,
-# context 2,048, batches of 256 x 2,048 = 0.5M tokens, max lr 3e-4 with linear warmup and cosine decay,
-# on FineWeb-Edu sample-10BT with the GPT-2 tokenizer.
+# The 350M article (untitled; it opens "What is the most powerful LLM that can realistically be
+# trained for less than $100?"): GPT-3 Medium's shape (24 layers, 16 heads, 1,024 dims) with RoPE,
+# context 2,048, batches of 256 x 2,048 = 0.5M tokens, max lr 3e-4 with linear warmup and cosine
+# decay, on FineWeb-Edu sample-10BT with the GPT-2 tokenizer.
 # 354M parameters (tied embeddings); 10B tokens; ~2.7e19 FLOPs.
 # The article: 55 hours at 50,000 tokens/s on one GPU, once the attention kept its flash path
 # (not measured here). Spread it over a node with

@@ -1,15 +1,15 @@
 # The 51M article, "Training A Not-So-Large Language Model for $50" (2023; its code:
 # https://github.com/shionhonda/generative-ai): GPT-2 architecture
-# with 8 layers, 8 heads and 512 dims on BookCorpus with a BPE tokenizer, chosen from an isoFLOP curve
-# at N = 50M, D = 1.1B tokens. Here with tiktoken's GPT-2 BPE (vocabulary 50,257, tied embeddings).
-# 51,213,824 parameters; 1.1B tokens; 6ND ~ 3.4e17 FLOPs, the article's 320 PFLOPs.
+# with 8 layers, 8 heads and 512 dims on BookCorpus with a BPE tokenizer, chosen from an isoFLOP
+# curve at N = 50M, D = 1.1B tokens. Here with tiktoken's GPT-2 BPE (vocabulary 50,257, tied
+# embeddings). 51,213,824 parameters; 1.1B tokens; 6ND ~ 3.4e17 FLOPs, the article's 320 PFLOPs.
 # The article: under a day on one V100 (not measured here). At 40% MFU of the V100's 125 TFLOP/s
 # that would be about 2 hours; train.py prints the measured tokens/s, MFU and ETA.
 #   python prepare.py config/gpt_51m.py && python train.py config/gpt_51m.py
 
-# data (prepare.py): BookCorpus from the Hugging Face Hub, streamed. The canonical repository (bookcorpus/bookcorpus)
-# loads through a script, which datasets 4 refuses; rojagtap/bookcorpus holds the same 74M sentences as Parquet
-# (column "text", split "train"), which needs none
+# data (prepare.py): BookCorpus from the Hugging Face Hub, streamed. The canonical repository
+# (bookcorpus/bookcorpus) loads through a script, which datasets 4 refuses; rojagtap/bookcorpus
+# holds the same 74M sentences as Parquet (column "text", split "train"), which needs none
 dataset = "bookcorpus_gpt2"
 source = "hf:rojagtap/bookcorpus"
 tokenizer = "gpt2"

@@ -1,8 +1,9 @@
 # nanoGPT's train_shakespeare_char GPU recipe, in this code: a character-level GPT on
-# tinyshakespeare (first 90% train, last 10% validation). nanoGPT's README: about 3 minutes on an A100,
-# best validation loss 1.4697; the model overfits this small dataset, so nanoGPT saves a checkpoint only
-# when validation improves (here best.pt is that checkpoint). This code's own run of it is in RESULTS.md.
-# 10.8M parameters; 5,000 steps x 64 x 256 = 82M tokens; 71 MFLOPs/token, ~5.8e15 FLOPs.
+# tinyshakespeare (first 90% train, last 10% validation). nanoGPT's README: about 3 minutes on an
+# A100, best validation loss 1.4697; the model overfits this small dataset, so nanoGPT saves a
+# checkpoint only when validation improves (here best.pt is that checkpoint). This code's own run of
+# it is in RESULTS.md. 10.8M parameters; 5,000 steps x 64 x 256 = 82M tokens; 71 MFLOPs/token,
+# ~5.8e15 FLOPs.
 #   python prepare.py config/shakespeare_char.py && python train.py config/shakespeare_char.py
 
 # data (prepare.py): tinyshakespeare, character-level
