@@ -8,12 +8,13 @@ again. train.py and sft.py write it at the end of every run.
 import json
 import math
 import os
+import re
 import statistics
 from dataclasses import dataclass
 
 import configurator  # first: Ctrl-C during the imports is one line
 from configurator import UserError
-from files import read_log, replace_atomically, write_atomically
+from files import replace_atomically, write_atomically
 
 PLOT_SIZE = (8, 4.5)   # inches, at 100 dpi: an 800 x 450 PNG
 PLOT_POINTS = 2000     # training points drawn at most: a long log is thinned, evenly
@@ -36,9 +37,9 @@ def write_report(out_dir, say=print, samples=True):
     """loss.png and report.md in out_dir. What cannot be drawn (no matplotlib, no checkpoint yet)
     is said in one line of the report; a failure to write them is one line here, never a crash."""
     try:
-        log = read_log(out_dir)
+        log = read_for_report(out_dir)
         checkpoint, info = newest_checkpoint(out_dir)
-        summary = summarize(log, info)
+        summary = summarize(log)
         plot = draw_loss(log, os.path.join(out_dir, "loss.png"), summary,
                          sft="sft" in (checkpoint or {}))
         texts = sample_texts(out_dir, checkpoint) if samples and checkpoint else []
@@ -69,20 +70,39 @@ def newest_checkpoint(out_dir):
     return checkpoint, info or {}
 
 
-def summarize(log, info):
-    """The run's figures, every one taken from log.jsonl (the last line's counts cover every
-    segment of a resumed run: its lines up to the checkpoint are kept, the rest trained again)."""
-    trains = [r for r in log if r.get("train_loss") is not None]
-    evals = [r for r in log if "val_loss" in r]
-    last = log[-1] if log else {}
+def read_for_report(out_dir):
+    """What the report needs of log.jsonl (the format in DESIGN.md; a torn last line is skipped):
+    every evaluation and skipped step, the last line, an even sample of PLOT_POINTS training lines,
+    and the speed and MFU of every step. json.loads of each of 100k lines takes 0.6 s, most of
+    the report's second, so the per-step fields are read by their pattern in json.dumps' output."""
+    with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    text, every = "".join(lines), math.ceil(len(lines) / PLOT_POINTS) or 1
+    number = r'": (-?[0-9.]+(?:e[-+][0-9]+)?)'
+    return dict(
+        evals=[json.loads(line) for line in lines if '"val_loss"' in line],
+        trains=[r for r in map(json.loads, lines[::every]) if r.get("train_loss") is not None],
+        last=json.loads(lines[-1]) if lines else {},
+        last_train=next((r for r in map(json.loads, reversed(lines))
+                         if r.get("train_loss") is not None), {}),
+        skipped=sum('"skipped"' in line for line in lines),
+        **{key: [float(v) for v in re.findall(f'"{key}{number}', text)]
+           for key in ("tok_per_sec", "mfu")})
+
+
+def summarize(log):
+    """The run's figures, every one from log.jsonl (the last line's counts cover every segment of a
+    resumed run: its lines up to the checkpoint are kept, the rest trained again)."""
+    evals, last = log["evals"], log["last"]
     summary = dict(steps=last.get("step", 0), tokens=last.get("tokens", 0),
                    flops=last.get("flops", 0.0), seconds=last.get("elapsed", 0.0),
-                   skipped=sum(1 for r in log if r.get("skipped")), evaluations=len(evals),
-                   train_loss=trains[-1]["train_loss"] if trains else None)
+                   skipped=log["skipped"], evaluations=len(evals),
+                   train_loss=log["last_train"].get("train_loss"))
     if summary["seconds"]:
         summary["tok_per_sec"] = summary["tokens"] / summary["seconds"]
-    speeds = [r["tok_per_sec"] for r in trains if r.get("tok_per_sec")]
-    mfus = [r["mfu"] for r in trains if r.get("mfu") is not None]
+    speeds, mfus = [s for s in log["tok_per_sec"] if s], log["mfu"]
     summary["median_tok_per_sec"] = statistics.median(speeds) if speeds else None
     summary["median_mfu"] = statistics.median(mfus) if mfus else None
     if evals:
@@ -96,16 +116,13 @@ def summarize(log, info):
 def draw_loss(log, path, summary, sft=False):
     """The training and validation losses against tokens, the best evaluation starred; None once
     drawn, else why not (one line)."""
-    try:
-        import matplotlib
+    try:  # a Figure of its own, not pyplot's: no window, no global state
+        from matplotlib.figure import Figure
     except ImportError:
         return "no loss.png: pip install matplotlib to draw it"
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    trains = [r for r in log if r.get("train_loss") is not None]
-    trains = trains[::math.ceil(len(trains) / PLOT_POINTS)] if trains else []
-    evals = [r for r in log if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=PLOT_SIZE, dpi=100)
+    trains, evals = log["trains"], log["evals"]
+    fig = Figure(figsize=PLOT_SIZE, dpi=100)
+    ax = fig.subplots()
     what = "loss on the assistant's tokens" if sft else "loss"
     ax.plot([r["tokens"] for r in trains], [r["train_loss"] for r in trains], lw=1,
             label=f"train {what}")
@@ -120,7 +137,6 @@ def draw_loss(log, path, summary, sft=False):
     ax.legend()
     fig.tight_layout()
     replace_atomically(path, lambda f: fig.savefig(f, format="png"), "wb")
-    plt.close(fig)
     return None
 
 
