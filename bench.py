@@ -12,7 +12,7 @@ the same weights, exported by hf.save_hf: a random 6 x 384 GPT-2-shaped model, c
 vocabulary 65 (shakespeare_char's); speed does not depend on what the weights learned.
 report: seconds of report.write_report (loss.png and report.md, no samples) at the end of a run
 whose log.jsonl has `log_lines` lines, a training line per step and an evaluation every 100th,
-each round in a fresh process with torch imported, as train.py has it, so matplotlib's import counts.
+each round in a fresh process with torch imported (as train.py has it): matplotlib's import counts.
 gpu: tokens/s and MFU of a GPT-2 small training step (forward, backward, AdamW) with bf16 autocast
 and torch.compile, random tokens, the median of timed steps after warm-up.
 

@@ -114,8 +114,9 @@ def identity_conversations(n, name, maker, rng):
 def parse_source(spec):
     """`path[*weight][@cap]` -> (path, weight, cap)."""
     match = re.fullmatch(r"(.+?)(?:\*(\d+(?:\.\d*)?|\.\d+))?(?:@(\d+))?", spec.strip())
-    if not match:
-        raise UserError(f"source {spec!r} is not spec[*weight][@cap], e.g. data/chat.jsonl*2@5000")
+    if not match or set("*@") & set(match.group(1)):  # a weight or cap that is not a number
+        raise UserError(f"source {spec!r} is not spec[*weight][@cap]: a weight is a number, a cap "
+                        "a count, e.g. data/chat.jsonl*2@5000")
     return match.group(1), float(match.group(2) or 1.0), int(match.group(3) or 0)
 
 

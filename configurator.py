@@ -120,8 +120,10 @@ def parse(argv, *config_classes):
     if unknown:
         close = {k: ", ".join(difflib.get_close_matches(k, valid, n=3, cutoff=0.5))
                  for k in unknown}
-        hints = "; ".join(f"{k!r}: did you mean {close[k] or 'nothing close'}?" for k in unknown)
-        raise UserError(f"unknown config key {hints}")
+        hints = "; ".join(f"{k!r}" + (f": did you mean {close[k]}?" if close[k] else "")
+                          for k in unknown)
+        raise UserError(f"unknown config key {hints} (the keys are the fields of the script's "
+                        "config dataclass, at its top)")
     return {k: coerce(k, v, owned[k]) for k, v in raw.items() if k in owned}
 
 
@@ -143,11 +145,12 @@ def check_at_least(cfg, **lowest):
 
 
 def check_writable(path, key):
-    """Refuse an output path that cannot be written before the work, not after it."""
+    """The output path, refused before the work (not after it) where it cannot be written."""
     if os.path.isdir(path):
         raise UserError(f"--{key}={path} is a folder; give a file name")
     if not os.path.isdir(os.path.dirname(path) or "."):
         raise UserError(f"--{key}={path}: folder {os.path.dirname(path)} does not exist")
+    return path
 
 
 def run_script(main):

@@ -25,7 +25,7 @@ import torch
 
 from checkpoint import CHECKPOINT_VERSION, build_model, load_checkpoint, save_checkpoint
 from configurator import UserError
-from files import die_with_parent, locked_folder, temp_path
+from files import die_with_parent, left_by_the_dead, locked_folder, temp_path
 from hf import architecture, hf_tokenizer, load_hf, ranks_text, save_hf
 from tokenizer import load_tokenizer
 
@@ -87,11 +87,9 @@ def locked_parents(paths):
     with contextlib.ExitStack() as stack:
         for parent in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
             stack.enter_context(locked_folder(parent, "export.py"))
-        for path in map(os.path.abspath, paths):
-            parent, name = os.path.split(path)
-            for stale in os.listdir(parent):
-                if re.fullmatch(re.escape(name) + r"(\.old)?\.\d+\.tmp", stale):
-                    shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+        for parent, name in map(os.path.split, map(os.path.abspath, paths)):
+            for stale in left_by_the_dead(parent, re.escape(name) + r"(?:\.old)?"):
+                shutil.rmtree(stale, ignore_errors=True)
         yield
 
 

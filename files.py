@@ -114,10 +114,11 @@ def locked_folder(path, script, shared=False):
             else:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, name, 0)
-                for stale in os.listdir(path):
-                    if re.fullmatch(r".+\.\d+\.tmp|\.reader\.\d+", stale):
-                        with contextlib.suppress(IsADirectoryError, FileNotFoundError):
-                            os.remove(os.path.join(path, stale))
+                stale = [*left_by_the_dead(path, r".+"), *glob.glob(os.path.join(
+                    glob.escape(path), ".reader.*"))]  # no reader is left while we hold it alone
+                for name in stale:
+                    with contextlib.suppress(IsADirectoryError, FileNotFoundError):
+                        os.remove(name)
             yield
         finally:
             if shared:
@@ -126,15 +127,34 @@ def locked_folder(path, script, shared=False):
             os.close(fd)  # releases the lock
 
 
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def left_by_the_dead(folder, name):
+    """Paths in `folder` named temp_path(<name pattern>) whose process has ended: what killed
+    writers left. A live process's own, even another program's, is never touched."""
+    for entry in os.listdir(folder):
+        found = re.fullmatch(rf"({name})\.(\d+)\.tmp", entry)
+        if found and not alive(int(found[2])):
+            yield os.path.join(folder, entry)
+
+
 def holders(path, fd):
     """Who holds `path`: the writer named in .lock, or the readers that are still alive."""
     readers = []
     for name in glob.glob(os.path.join(glob.escape(path), ".reader.*")):
         try:
-            os.kill(int(name.rsplit(".", 1)[1]), 0)
-            with open(name, encoding="utf-8") as f:
-                readers.append(f.read().strip())
-        except (OSError, ValueError):  # a reader killed before it could remove its file
+            if alive(int(name.rsplit(".", 1)[1])):  # else killed before it removed its file
+                with open(name, encoding="utf-8") as f:
+                    readers.append(f.read().strip())
+        except (OSError, ValueError):
             continue
     if readers:
         return " and ".join(readers) + " (reading it)"

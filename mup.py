@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 
 import configurator  # first: Ctrl-C during the imports is one line
 import numpy as np
+import report
 import torch
 
 from configurator import UserError
 from data import TokenData
-from files import locked_folder, read_log, replace_atomically
+from files import locked_folder, read_log
 from model import GPT, GPTConfig
 from recipe import make_optimizers, model_config
 from runtime import pick_device
@@ -78,7 +79,7 @@ def cmd_coord(cfg, argv):
                                      data, cfg.coord_steps, device))
         result[name] = {layer: [s[layer] for s in sizes] for layer in sizes[0]}
         result[name + "_spread"] = {layer: max(v) / min(v) for layer, v in result[name].items()}
-    draw(cfg.coord_plot, "width (n_embd)", "mean |x| of the layer's output",
+    report.draw_panels(cfg.coord_plot, "width (n_embd)", "mean |x| of the layer's output",
          lambda name: ((cfg.coord_widths, y, layer, None) for layer, y in result[name].items()))
     if cfg.json:
         return result
@@ -159,7 +160,7 @@ def cmd_sweep(cfg, argv):
         best = {w: dict(lr=rates[int(np.argmin(c))], loss=min(c)) for w, c in curves.items()}
         moved = best[str(cfg.widths[-1])]["lr"] / best[str(cfg.widths[0])]["lr"]
         result[name] = dict(curves=curves, best=best, moved=moved)
-    draw(plot, "learning rate (AdamW peak)", "final validation loss",
+    report.draw_panels(plot, "learning rate (AdamW peak)", "final validation loss",
          lambda name: ((rates, np.array(result[name]["curves"][str(w)]), f"width {w}",
                         result[name]["best"][str(w)]) for w in cfg.widths))
     if cfg.json:
@@ -180,27 +181,6 @@ def final_loss(run):
         return [r["val_loss"] for r in read_log(run) if "val_loss" in r and r["tokens"] > 0][-1]
     except (OSError, IndexError, ValueError):
         return None
-
-
-def draw(path, xlabel, ylabel, lines):
-    """Two panels, standard and muP: lines(name) yields (x, y, label, best point or None)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, panels = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for panel, name in zip(panels, ("standard", "mup")):
-        for x, y, label, best in lines(name):
-            drawn = panel.plot(x, y, marker="o", label=label)[0]
-            if best:
-                panel.scatter([best["lr"]], [best["loss"]], color=drawn.get_color(), marker="*",
-                              s=150, edgecolor="k", zorder=3)
-        panel.set(xscale="log", yscale="log", xlabel=xlabel, title=name)
-    panels[0].set_ylabel(ylabel)
-    panels[1].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    replace_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"), "wb")
-    plt.close(fig)
 
 
 def main(argv):

@@ -140,3 +140,31 @@ def orthogonalise(grad, dtype, eps=1e-7):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
+
+
+def planned_run(cfg, overrides, vocab_size, flops, n_opt, block_size, gpus):
+    """scaling.py plan's run of `flops` near n_opt parameters: its shape, tokens, steps and the
+    settings of its config file (batch, learning rate, warmup, the FLOPs that stop it)."""
+    from model import GPT
+
+    def shaped(depth):  # nanochat's single dial: width 64 x depth, with 64-wide heads
+        shape = dict(n_layer=depth, n_embd=64 * depth, n_head=depth, block_size=block_size)
+        with torch.device("meta"):
+            model = GPT(model_config(cfg, {**overrides, **shape}, vocab_size))
+        return shape, model.param_counts()["active_non_embedding"], model.flops_per_token()
+    # the blocks hold about 12 L d^2 = 49,152 L^3 parameters: the depths around that are counted
+    guess = max(1, round((n_opt / 49152) ** (1 / 3)))
+    shape, n, per_token = min((shaped(d) for d in range(max(1, guess - 3), guess + 2)),
+                              key=lambda s: abs(math.log(s[1] / n_opt)))
+    # DeepSeek LLM's fits of the best batch (tokens) and AdamW learning rate against compute
+    # (arXiv:2401.02954, eq. 1)
+    best_batch = 0.292 * flops ** 0.3271
+    micro = block_size * min(16, max(1, int(best_batch) // block_size)) * gpus
+    batch_tokens = max(1, round(best_batch / micro)) * micro
+    tokens = flops / per_token
+    steps = int(tokens // batch_tokens)
+    settings = {**shape, "batch_size": micro // block_size // gpus, "batch_tokens": batch_tokens,
+                "learning_rate": float(f"{0.3118 * flops ** -0.125:.3g}"), "max_iters": 0,
+                "max_tokens": 0, "warmup_iters": max(1, min(1000, steps // 20)),
+                "max_flops": float(f"{flops:.4g}")}
+    return dict(shape=shape, N=n, tokens=tokens, steps=steps, settings=settings)

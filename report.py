@@ -1,6 +1,7 @@
 """A run's report: loss.png (its curves) and report.md (one page: what it was and what it reached),
 drawn from out_dir/log.jsonl and its checkpoint alone, so any run, old or unfinished, can be drawn
-again. train.py and sft.py write it at the end of every run.
+again. train.py and sft.py write it at the end of every run. Every figure of the project is drawn
+here: scaling.py's isoFLOP profiles and mup.py's panels too.
 
     python report.py --out_dir=out
 """
@@ -113,16 +114,29 @@ def summarize(log):
     return summary
 
 
+def figure(panels=1, size=PLOT_SIZE, **options):
+    """A matplotlib Figure of its own and its axes, not pyplot's (no window, no global state)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("drawing needs matplotlib: pip install matplotlib") from None
+    fig = Figure(figsize=size, dpi=100)
+    return fig, fig.subplots(1, panels, **options)
+
+
+def save(fig, path, dpi=100):
+    fig.tight_layout()
+    replace_atomically(path, lambda f: fig.savefig(f, dpi=dpi, format="png"), "wb")
+
+
 def draw_loss(log, path, summary, sft=False):
     """The training and validation losses against tokens, the best evaluation starred; None once
     drawn, else why not (one line)."""
-    try:  # a Figure of its own, not pyplot's: no window, no global state
-        from matplotlib.figure import Figure
-    except ImportError:
+    try:
+        fig, ax = figure()
+    except UserError:
         return "no loss.png: pip install matplotlib to draw it"
     trains, evals = log["trains"], log["evals"]
-    fig = Figure(figsize=PLOT_SIZE, dpi=100)
-    ax = fig.subplots()
     what = "loss on the assistant's tokens" if sft else "loss"
     ax.plot([r["tokens"] for r in trains], [r["train_loss"] for r in trains], lw=1,
             label=f"train {what}")
@@ -135,9 +149,80 @@ def draw_loss(log, path, summary, sft=False):
     ax.set(xlabel="tokens seen", ylabel="loss (nats per token)", title=os.path.dirname(path) or ".")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    replace_atomically(path, lambda f: fig.savefig(f, format="png"), "wb")
+    save(fig, path)
     return None
+
+
+def draw_isoflop(result, path):
+    """scaling.py's isoFLOP profiles (a parabola per budget, its least starred), N_opt against C."""
+    import numpy as np
+    from matplotlib import colormaps
+    fig, (left, right) = figure(2, (11, 4.5))
+    colors = colormaps["viridis"](np.linspace(0, 0.9, len(result["budgets"])))
+    for b, color in zip(result["budgets"], colors):
+        n = np.array(b["points"]["N"])
+        x = np.linspace(np.log(n).min(), np.log(n).max(), 100)
+        left.scatter(n, b["points"]["loss"], color=color, s=18)
+        left.plot(np.exp(x), np.polyval(b["N_parabola"], x), color=color, label=f"C = {b['C']:.1e}")
+        if b["N_inside"]:
+            left.scatter(b["N_opt"], b["loss_opt"], color=color, marker="*", s=150, edgecolor="k")
+    used = [b for b in result["budgets"] if b["N_inside"]]
+    c, law = np.array([b["C"] for b in used]), result["power_laws"].get("N")
+    right.scatter(c, [b["N_opt"] for b in used], label="N_opt")
+    if law:
+        line = np.geomspace(c.min() / 3, c.max() * 3, 50)
+        right.plot(line, law["coefficient"] * line ** law["exponent"],
+                   label=f"N_opt ∝ C^{law['exponent']:.2f}")
+    left.set(xscale="log", xlabel="parameters N (non-embedding)", ylabel="validation loss",
+             title="isoFLOP profiles")
+    right.set(xlabel="training FLOPs C", ylabel="optimal N", title="no minimum inside the sizes")
+    if used:  # log axes of no data fail
+        right.set(xscale="log", yscale="log", title="compute-optimal size")
+    for panel in (left, right) if used else (left,):
+        panel.legend(fontsize=8)
+    save(fig, path, dpi=120)
+
+
+def draw_panels(path, xlabel, ylabel, lines):
+    """mup.py's two panels, standard and muP: lines(name) yields (x, y, label, best or None)."""
+    fig, panels = figure(2, (11, 4.5), sharey=True)
+    for panel, name in zip(panels, ("standard", "mup")):
+        for x, y, label, best in lines(name):
+            drawn = panel.plot(x, y, marker="o", label=label)[0]
+            if best:
+                panel.scatter([best["lr"]], [best["loss"]], color=drawn.get_color(), marker="*",
+                              s=150, edgecolor="k", zorder=3)
+        panel.set(xscale="log", yscale="log", xlabel=xlabel, title=name)
+    panels[0].set_ylabel(ylabel)
+    panels[1].legend(fontsize=8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save(fig, path, dpi=120)
+
+
+def isoflop_lines(result):
+    """scaling.py isoflop's result in words: each budget's least, then N_opt against C."""
+    lines = [f"C = {b['C']:.2e}: {b['runs']} runs, " + (
+        f"N_opt = {b['N_opt']:.3g}, loss {b['loss_opt']:.4f}" if b["N_opt"] else "no minimum")
+        + ("" if b["N_inside"] else " (outside the sizes: not used)") for b in result["budgets"]]
+    for key, law in result["power_laws"].items():
+        lines.append(f"{key}_opt = {law['coefficient']:.3g} * C^{law['exponent']:.3f}" + (
+            "  95% CI [{:.3f}, {:.3f}]".format(*law["ci95"]) if "ci95" in law else ""))
+    return lines + [f"no power law: {result['budgets_used']} budget(s) have their minimum inside "
+                    "the sampled sizes, 2 are needed; widen or shift the sizes"] * (
+                        not result["power_laws"])
+
+
+def sweep_page(sweep_dir, command, plot, runs, points, isoflop, fit_lines, warnings):
+    """scaling.py's sweep on one page: the figure, each run's N, D, C and loss, both fits."""
+    return "\n".join([
+        f"# isoFLOP sweep: {sweep_dir}", "", f"`python {' '.join(command)}`", "",
+        f"![isoFLOP profiles]({os.path.relpath(plot, sweep_dir)})", "",
+        "| run | N | D (tokens) | C (FLOPs) | val loss |", "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {os.path.basename(run)} | {points['N'][i]:,.0f} | {points['D'][i]:.3g} | "
+          f"{points['C'][i]:.3g} | {points['loss'][i]:.4f} |" for i, run in enumerate(runs)),
+        "", "## Approach 2: isoFLOP profiles", "", "```", *isoflop_lines(isoflop), "```", "",
+        "## Approach 3: the parametric fit", "", "```", *fit_lines, "```", "",
+        *(f"**Warning:** {note}\n" for note in warnings)])
 
 
 def sample_texts(out_dir, checkpoint, count=2, tokens=100):

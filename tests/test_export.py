@@ -301,18 +301,21 @@ def test_export_never_deletes_the_run_or_files_that_are_not_an_export(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".lock", "file", "hf", "notes", "run"]
 
 
-def test_a_second_export_there_is_refused_and_a_killed_one_s_staging_is_removed(tmp_path):
+def test_a_second_export_there_is_refused_and_a_killed_one_s_staging_is_removed(tmp_path,
+                                                                                 dead_pid):
     write_run(tmp_path / "run", **ARCHS["gpt2"])
     with locked_folder(str(tmp_path), "export.py"):  # another export.py, writing beside it
         with pytest.raises(UserError, match=r"is in use by export.py \(pid"):
             run_export(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [".lock", "run"]
-    for stale in ("hf.4242.tmp", "hf.old.4243.tmp"):  # a killed export's folders
+    for stale in (f"hf.{dead_pid}.tmp", f"hf.old.{dead_pid}.tmp"):  # a killed export's folders
         (tmp_path / stale).mkdir()
         (tmp_path / stale / "model.safetensors").write_text("half")
-    (tmp_path / "other.4244.tmp").mkdir()  # a folder not of this export: kept
+    (tmp_path / f"other.{dead_pid}.tmp").mkdir()  # a folder not of this export: kept
+    live = f"hf.{os.getppid()}.tmp"  # a live process's, whatever it is: kept
+    (tmp_path / live).mkdir()
     run_export(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [".lock", "hf", "other.4244.tmp", "run"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "hf", live, f"other.{dead_pid}.tmp", "run"]
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),

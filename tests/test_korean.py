@@ -24,12 +24,11 @@ from configurator import UserError
 from tokenizer import load_hook, load_tokenizer
 
 pytest.importorskip("mecab_ko", reason="the Korean route needs mecab-ko: pip install mecab-ko")
-pytest.importorskip("kiwipiepy", reason="the Korean route needs kiwipiepy: pip install kiwipiepy")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSTITUTION = os.path.join(ROOT, "tests", "data", "korean_constitution.txt")
 RECIPE = os.path.join(ROOT, "config", "moe_150m_ko.py")
-HOOKS = ("tokenizer:mecab_morphemes", "tokenizer:kiwi_morphemes")
+HOOKS = ("tokenizer:mecab_morphemes",)
 # the recipe at a tiny size: every setting that makes it big, overridden
 TINY_MOE = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--moe_experts=4",
             "--moe_expert_hidden=32", "--batch_size=8", "--batch_tokens=0", "--max_tokens=0", "--warmup_iters=10",
@@ -164,12 +163,12 @@ def test_the_hub_source_streams_the_korean_subset_of_a_local_copy(workdir, const
 
 
 def test_a_missing_analyser_or_a_hook_that_loses_text_is_one_line(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kiwipiepy", None)  # as if not installed
-    tokenizer.kiwi.cache_clear()
-    with pytest.raises(UserError, match=r"^the pretokenize hook tokenizer:kiwi_morphemes needs kiwipiepy: "
-                                        r"pip install kiwipiepy$"):
-        load_tokenizer({"kind": "char", "chars": "가나", "pretokenize": HOOKS[1]}).encode("가나")
-    tokenizer.kiwi.cache_clear()
+    monkeypatch.setitem(sys.modules, "mecab_ko", None)  # as if not installed
+    tokenizer.mecab.cache_clear()
+    with pytest.raises(UserError, match=r"^the pretokenize hook tokenizer:mecab_morphemes needs mecab-ko: "
+                                        r"pip install mecab-ko$"):
+        load_tokenizer({"kind": "char", "chars": "가나", "pretokenize": HOOKS[0]}).encode("가나")
+    tokenizer.mecab.cache_clear()
     monkeypatch.setattr(tokenizer, "lossy", lambda text: text.split(), raising=False)
     with pytest.raises(UserError, match="returned pieces that do not join back to the text"):
         load_hook("tokenizer:lossy")("대한민국 헌법")

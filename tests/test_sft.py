@@ -24,7 +24,31 @@ import sft
 import train
 from configurator import UserError
 from model import GPT, GPTConfig
-from tokenizer import chat_template, load_tokenizer, marker_ids, parse_chat, render_chat
+from tokenizer import chat_template, load_tokenizer, marker_ids, render_chat
+
+
+def parse_chat(tokenizer, template, ids):
+    """The messages back from render_chat's ids: where each role marker starts a message and
+    end_of_turn closes it, to check that the template round-trips."""
+    if ids[:1] != [tokenizer.eot_id]:
+        raise ValueError("a rendered conversation starts with the end-of-text token")
+    markers = {role: marker_ids(tokenizer, m) for role, m in template.items()
+               if role != "end_of_turn"}
+    end = marker_ids(tokenizer, template["end_of_turn"])
+    messages, i = [], 1
+    while i < len(ids):
+        role = next((r for r, m in markers.items() if ids[i:i + len(m)] == m), None)
+        if role is None:
+            raise ValueError(f"no role marker at token {i}")
+        start = i + len(markers[role])
+        ends = (j for j in range(start, len(ids) - len(end) + 1) if ids[j:j + len(end)] == end)
+        stop = next(ends, None)
+        if stop is None:
+            raise ValueError(f"the {role} message at token {start} has no end_of_turn")
+        messages.append(dict(role=role, content=tokenizer.decode(ids[start:stop])))
+        i = stop + len(end)
+    return messages
+
 
 CHARS = "\n abcdefghijklmnopqrstuvwxyz0123456789?.,'"
 TOKENIZER = load_tokenizer({"kind": "char", "chars": CHARS})
@@ -245,6 +269,13 @@ def test_rows_that_are_not_utf8_json_or_conversation_objects_name_their_line(tmp
         (tmp_path / name).write_bytes(f"{good}\n{second}\n".encode("latin-1"))  # "é" in latin-1 is not UTF-8
         with pytest.raises(UserError, match=f"{name} {error}"):
             list(chat_data.read_source(str(tmp_path / name), 0, cfg.demo_conversations, 0))
+
+
+@pytest.mark.parametrize("spec", ["demo*1.2.3", "demo@x", "demo*two", "chat.jsonl*@5"])
+def test_a_source_whose_weight_or_cap_is_not_a_number_is_one_line(spec):
+    with pytest.raises(UserError, match=r"is not spec\[\*weight\]\[@cap\]: a weight is a number"):
+        chat_data.parse_source(spec)
+    assert chat_data.parse_source("demo*0.5@20") == ("demo", 0.5, 20)
 
 
 def test_a_malformed_json_line_names_the_file_and_its_line_number(tmp_path):

@@ -476,7 +476,7 @@ def test_a_second_run_in_the_same_out_dir_stops_at_once_naming_the_first(tiny_da
     finally:
         first.kill()
         first.wait()
-    open("run/ckpt.pt.99999.tmp", "wb").close()  # what a run killed mid-write leaves
+    open(f"run/ckpt.pt.{first.pid}.tmp", "wb").close()  # what a run killed mid-write leaves
     third = run_script(*args, "--max_iters=2")  # kill -9 leaves no stale lock
     assert third.returncode == 0, third.stderr[-2000:]
     assert sorted(os.listdir("run")) == [".lock", "best.pt", "ckpt.pt", "config.json", "log.jsonl", "loss.png",
