@@ -151,8 +151,9 @@ class Harness(LM):
                 inputs[row, :len(window) - 1] = torch.tensor(window[:-1])
                 targets[row, :len(window) - 1] = torch.tensor(window[1:])
             inputs, targets = inputs.to(self.on), targets.to(self.on)
-            # with targets, forward returns the logits of every position (its loss goes unused)
-            logits, _ = self.model(inputs, targets)
+            # with targets, forward returns the logits of every position (its loss goes unused);
+            # probabilities over the ids the model can write, as generation and exports have them
+            logits = self.model(inputs, targets)[0][..., :self.vocab_size]
             rows = []
             for row, (window, (_, continuation)) in enumerate(zip(windows, batch)):
                 span = slice(len(window) - 1 - len(continuation), len(window) - 1)

@@ -103,6 +103,17 @@ def without_mup(model):
     return plain.eval()
 
 
+def without_padding(model, rows):
+    """The model with its first `rows` vocabulary rows only: the padding rows past the tokenizer
+    and the chat markers were never a token, and llama.cpp would sample them."""
+    if rows == model.config.vocab_size:
+        return model
+    plain = GPT(dataclasses.replace(model.config, vocab_size=rows))
+    plain.load_state_dict({k: v[:rows] if k in ("transformer.wte.weight", "lm_head.weight") else v
+                           for k, v in model.state_dict().items()})
+    return plain.eval()
+
+
 def to_hf(model, arch, special):
     """A transformers model holding `model`'s weights exactly (float32)."""
     from transformers import AutoModelForCausalLM
@@ -183,11 +194,12 @@ def save_hf(model, tok, template, folder):
             specials.setdefault(i, f"<|{role}{'_' + str(n) if n else ''}|>")
     end = template.get("end_of_turn")
     stop = [tok.eot_id] + ([end[0]] if isinstance(end, list) and len(end) == 1 else [])
-    hf = to_hf(without_mup(model), architecture(c), dict(bos_token_id=tok.eot_id,
-                                                         eos_token_id=stop[0]))
-    # padding rows were never a token: keep generate() off them, as sample.py's vocab_size does
-    padding = [i for i in range(tok.vocab_size, c.vocab_size) if i not in specials] or None
-    hf.generation_config = GenerationConfig(bos_token_id=tok.eot_id, suppress_tokens=padding,
+    rows = max(tok.vocab_size, *(i + 1 for i in specials))
+    hf = to_hf(without_padding(without_mup(model), rows), architecture(c),
+               dict(bos_token_id=tok.eot_id, eos_token_id=stop[0]))
+    # rows between the chat markers were never a token: keep generate() off them, as sample.py does
+    gaps = [i for i in range(tok.vocab_size, rows) if i not in specials] or None
+    hf.generation_config = GenerationConfig(bos_token_id=tok.eot_id, suppress_tokens=gaps,
                                             eos_token_id=stop if stop[1:] else stop[0])
     hf.save_pretrained(folder)  # config.json, generation_config.json, model.safetensors
     hf_tok, notes = hf_tokenizer(tok), []
@@ -195,7 +207,7 @@ def save_hf(model, tok, template, folder):
         notes.append(f"this {kind} tokenizer has no transformers equivalent (a unigram "
                      f"SentencePiece model, or chars holding {SPACE}): tokenizer not exported")
     else:  # one token for every row, as llama.cpp's Llama vocabularies have
-        extra = [specials.get(i, f"<|unused_{i}|>") for i in range(tok.vocab_size, c.vocab_size)]
+        extra = [specials.get(i, f"<|unused_{i}|>") for i in range(tok.vocab_size, rows)]
         hf_tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in extra], True)
         assert all(hf_tok.convert_tokens_to_ids(t) == i for i, t in specials.items()), "ids moved"
         if template:

@@ -243,6 +243,19 @@ def sample_texts(out_dir, checkpoint, count=2, tokens=100):
                         vocab_size=tokenizer.vocab_size) for seed in range(count)]
 
 
+def parameters(model_config):
+    """The model's parameter counts, from a model built on the meta device (no memory, no time)."""
+    import torch
+    from model import GPT, GPTConfig
+    try:
+        with torch.device("meta"):
+            n = GPT(GPTConfig(**model_config)).param_counts()
+    except (TypeError, ValueError):  # no config, or one of older code
+        return "n/a"
+    active = f", {n['active']:,} active per token" if n["active"] != n["total"] else ""
+    return f"{n['total']:,} ({n['non_embedding']:,} without the embeddings{active})"
+
+
 def markdown(out_dir, summary, info, plot, samples):
     """report.md: the command, the model, what the run spent and reached, the machine, samples."""
     model, train = info.get("model", {}), info.get("train", {})
@@ -253,6 +266,7 @@ def markdown(out_dir, summary, info, plot, samples):
     rows = [("model", f"{model.get('n_layer', '?')} layers x {model.get('n_embd', '?')} wide, "
                       f"{model.get('pos_emb', '?')} positions, {model.get('mlp', '?')} MLP"
                       + (f", {model['moe_experts']} experts" if model.get("moe_experts") else "")),
+            ("parameters", parameters(model)),
             ("FLOPs per token", fmt(summary.get("flops_per_token"), ".4g")),
             ("steps", f"{summary['steps']:,}"
                       + (f" ({summary['skipped']} skipped)" if summary["skipped"] else "")),

@@ -92,12 +92,13 @@ def local_task(folder, docs, name="tiny_choice"):
 
 # ------------------------------------------------------------------ the adapter against model.py
 
-def direct_logprob(model, ids, scored):
+def direct_logprob(model, ids, scored, vocab):
     """log p of the last `scored` of `ids` (each given the ones before it, within the last
-    block_size + 1), and whether each is the argmax, in one fp32 forward pass of model.py."""
+    block_size + 1) among the first `vocab` ids, the ones the model can write, and whether each is
+    the argmax, in one fp32 forward pass of model.py."""
     window = torch.tensor([ids[-(model.config.block_size + 1):]])
     logits, _ = model(window[:, :-1], window[:, 1:])
-    logprobs = F.log_softmax(logits[0, -scored:].float(), dim=-1)
+    logprobs = F.log_softmax(logits[0, -scored:, :vocab].float(), dim=-1)
     target = window[0, -scored:]
     greedy = bool((logprobs.argmax(-1) == target).all())
     return logprobs.gather(-1, target[:, None]).sum().item(), greedy
@@ -117,7 +118,8 @@ def test_loglikelihoods_equal_a_direct_computation_with_model_py(tmp_path):
             context, continuation = context[:-1], " " + continuation
         # --bos: end-of-text first, as training documents start
         ids = [eot] + encode(context) + encode(continuation)
-        expected, expected_greedy = direct_logprob(harness.model, ids, len(encode(continuation)))
+        expected, expected_greedy = direct_logprob(harness.model, ids, len(encode(continuation)),
+                                                    harness.vocab_size)
         assert logprob == pytest.approx(expected, abs=1e-5) and greedy == expected_greedy
     assert len(encode(pairs[2][0])) > BLOCK  # that context was cut on the left
 
@@ -132,8 +134,8 @@ def test_rolling_loglikelihood_is_every_token_once_with_the_most_context_that_fi
         ids = [harness.tokenizer.eot_id] + harness.tokenizer.encode(text)
         # tokens 1.. of ids in chunks of block_size, each predicted by the block that ends with it
         chunks = ((s, min(s + BLOCK, len(ids) - 1)) for s in range(0, len(ids) - 1, BLOCK))
-        expected = sum(direct_logprob(harness.model, ids[:end + 1], end - start)[0]
-                       for start, end in chunks)
+        expected = sum(direct_logprob(harness.model, ids[:end + 1], end - start,
+                                      harness.vocab_size)[0] for start, end in chunks)
         assert total == pytest.approx(expected, abs=1e-4)
     assert len(texts[1]) > 3 * BLOCK
 

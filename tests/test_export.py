@@ -7,7 +7,10 @@ import base64
 import dataclasses
 import errno
 import io
+import json
 import os
+import re
+import subprocess
 
 import pytest
 import torch
@@ -83,8 +86,9 @@ def test_transformers_computes_what_model_py_computes_and_the_weights_come_back(
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
                                  "qwen3": "Qwen3ForCausalLM"}[arch]
-    c, h = model.config, hf.config
-    assert h.vocab_size == c.vocab_size == 128 and h.tie_word_embeddings == c.tie_embeddings
+    c, h, rows = model.config, hf.config, load_tokenizer(CHAR_SPEC).vocab_size
+    # the padding rows past the tokenizer's stay home: no consumer would know not to sample them
+    assert c.vocab_size == 128 and h.vocab_size == rows and h.tie_word_embeddings == c.tie_embeddings
     if arch == "gpt2":
         assert h.layer_norm_epsilon == 1e-5 and h.n_positions == c.block_size
     else:
@@ -92,9 +96,9 @@ def test_transformers_computes_what_model_py_computes_and_the_weights_come_back(
         assert h.num_key_value_heads == c.n_kv_head
         assert h.rope_parameters["rope_theta"] == c.rope_theta
         assert h.attention_bias == c.bias and getattr(h, "mlp_bias", False) == c.bias
-    x = torch.randint(0, 66, (2, 40))
+    x = torch.randint(0, rows, (2, 40))
     with torch.no_grad():
-        assert (model(x, x)[0] - hf(x).logits).abs().max() < 1e-4
+        assert (model(x, x)[0][..., :rows] - hf(x).logits).abs().max() < 1e-4
 
     tok = load_tokenizer(CHAR_SPEC)
     prompt = torch.tensor([[tok.eot_id] + tok.encode("ROMEO:")])
@@ -108,9 +112,11 @@ def test_transformers_computes_what_model_py_computes_and_the_weights_come_back(
 
     export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
     back, _, checkpoint = load_model(str(tmp_path / "back"), device="cpu", dtype="float32")
-    assert checkpoint["tokenizer"] == CHAR_SPEC and back.config == model.config
+    assert checkpoint["tokenizer"] == CHAR_SPEC
+    assert back.config == dataclasses.replace(model.config, vocab_size=rows)
     for key, value in model.state_dict().items():
-        assert torch.equal(back.state_dict()[key], value), key
+        rows_only = key in ("transformer.wte.weight", "lm_head.weight")
+        assert torch.equal(back.state_dict()[key], value[:rows] if rows_only else value), key
     with pytest.raises(UserError, match="exists"):
         export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
 
@@ -122,12 +128,13 @@ def test_a_mup_model_exports_with_its_multipliers_folded_into_the_weights(tmp_pa
     run_export(tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert not hf.config.tie_word_embeddings  # the head carries the logits' 1/m
-    x = torch.randint(0, 66, (2, 40))
+    rows = hf.config.vocab_size  # the tokenizer's: the padding rows are not exported
+    x = torch.randint(0, rows, (2, 40))
     with torch.no_grad():
-        ours, theirs = model(x, x)[0], hf(x).logits
+        ours, theirs = model(x, x)[0][..., :rows], hf(x).logits
         plain = GPT(dataclasses.replace(model.config, mup=False, mup_base_width=0))
         plain.load_state_dict(model.state_dict())
-        unfolded, _ = plain(x, x)
+        unfolded = plain(x, x)[0][..., :rows]
     assert (ours - theirs).abs().max() < 1e-4
     assert (unfolded - theirs).abs().max() > 1e-2  # without the multipliers: other logits
 
@@ -138,12 +145,13 @@ def test_gpt2_without_biases_and_with_grouped_kv_heads_is_still_gpt2(tmp_path):
                                                tie_embeddings=False))
     run_export(tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-    x = torch.randint(0, 128, (1, 30))
+    rows = hf.config.vocab_size
+    x = torch.randint(0, rows, (1, 30))
     back, _ = hf_py.load_hf(str(tmp_path / "hf"))  # biases of zero, every kv head its own
     assert back.config.bias and back.config.n_kv_head == 0
     with torch.no_grad():
-        assert (model(x, x)[0] - hf(x).logits).abs().max() < 1e-4
-        assert (model(x, x)[0] - back(x, x)[0]).abs().max() < 1e-5
+        assert (model(x, x)[0][..., :rows] - hf(x).logits).abs().max() < 1e-4
+        assert (model(x, x)[0][..., :rows] - back(x, x)[0]).abs().max() < 1e-5
 
 
 def sp_spec():
@@ -203,7 +211,7 @@ def test_the_pipeline_and_sample_py_on_the_folder_continue_as_sample_py_on_the_r
 
 
 def test_chat_template_renders_as_sample_py_does_and_comes_back(tmp_path, monkeypatch):
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     tok = load_tokenizer(CHAR_SPEC)
     template = {"user": [70], "assistant": [72], "end_of_turn": [71], "system": "ROMEO:"}
     write_run(tmp_path / "run", **dict(ARCHS["llama"], extra=dict(chat_template=template)))
@@ -217,7 +225,8 @@ def test_chat_template_renders_as_sample_py_does_and_comes_back(tmp_path, monkey
     assert hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == ids
     generation = GenerationConfig.from_pretrained(tmp_path / "hf")
     assert generation.eos_token_id == [tok.eot_id, 71]
-    assert 70 not in generation.suppress_tokens and {66, 127} <= set(generation.suppress_tokens)
+    assert AutoConfig.from_pretrained(tmp_path / "hf").vocab_size == 73  # up to the last marker
+    assert generation.suppress_tokens == list(range(tok.vocab_size, 70))  # the rows between
 
     export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
     assert load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))["chat_template"] == template
@@ -368,8 +377,52 @@ def test_llama_cpp_s_converter_makes_a_gguf_with_our_vocabulary(tmp_path, monkey
     value = lambda key: fields[key].contents()  # noqa: E731
     assert value("general.architecture") == "llama" and value("llama.block_count") == 2
     tokens = value("tokenizer.ggml.tokens")
-    assert len(tokens) == 384 and value("tokenizer.ggml.bos_token_id") == tok.eot_id
+    assert len(tokens) == tok.vocab_size and value("tokenizer.ggml.bos_token_id") == tok.eot_id
     assert value("tokenizer.ggml.model") == "llama"  # SentencePiece's way, no space put first
     assert value("tokenizer.ggml.add_bos_token") and not value("tokenizer.ggml.add_space_prefix")
     if spec["kind"] == "char":  # each character its own token, spaces as Llama spells them
         assert tokens[:tok.vocab_size - 1] == [ch.replace(" ", "\u2581") for ch in tok.chars]
+
+
+LLAMA_BIN = os.path.join(LLAMA_CPP, "build", "bin")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(LLAMA_BIN, "llama-simple")),
+                    reason="set LLAMA_CPP_DIR to a llama.cpp source tree with llama-simple and "
+                    "llama-tokenize built in build/bin (README: Run it in llama.cpp)")
+@pytest.mark.parametrize("make_spec", [lambda: CHAR_SPEC, sp_spec])
+def test_llama_cpp_tokenizes_and_greedy_decodes_as_model_py(tmp_path, monkeypatch, make_spec):
+    monkeypatch.setenv("PYTHONPATH", os.path.join(LLAMA_CPP, "gguf-py"))
+    spec = make_spec()
+    tok = load_tokenizer(spec)
+    model = write_run(tmp_path / "run", spec, **dict(ARCHS["llama"], vocab_size=384,
+                                                     block_size=128))  # holds all 100 tokens
+    run_export(tmp_path, f"--to_gguf={tmp_path / 'm.gguf'}")
+    llama = lambda tool, *args, **kw: subprocess.run(  # noqa: E731
+        [os.path.join(LLAMA_BIN, tool), "-m", str(tmp_path / "m.gguf"), *args],
+        capture_output=True, check=True, **kw).stdout  # bytes: a piece may be half a character
+    probes = ["ROMEO: the sun", " the sun,\n  and Juliet", "Juliet 1234", "\n\nROMEO"]
+    if spec["kind"] == "sp":  # byte fallback: any text
+        probes += ["naïve café", "대한민국 헌법", "  two spaces"]
+    for text in probes:
+        ids = json.loads(llama("llama-tokenize", "--stdin", "--ids", "--log-disable",
+                               input=text.encode()).strip().splitlines()[-1])
+        assert ids == [tok.eot_id] + tok.encode(text), text
+    prompt = "ROMEO:"
+    ids = torch.tensor([[tok.eot_id] + tok.encode(prompt)])
+    ours = []
+    for token in model.generate(ids, 100, temperature=0.0, vocab_size=tok.vocab_size):
+        if token.item() == tok.eot_id:  # llama-simple stops at end-of-text
+            break
+        ours.append(token.item())
+    theirs = llama("llama-simple", "-n", "100", prompt)  # the prompt's pieces, the text, a newline
+    assert theirs.split(prompt.encode(), 1)[1][:-1] == b"".join(token_bytes(tok, i) for i in ours)
+
+
+def token_bytes(tok, i):
+    """What llama.cpp prints for token i: a SentencePiece byte piece is its byte alone."""
+    if tok.spec["kind"] == "sp":
+        piece = tok.sp.id_to_piece(i)
+        byte = re.fullmatch(r"<0x([0-9A-F]{2})>", piece)
+        return bytes([int(byte[1], 16)]) if byte else piece.replace("\u2581", " ").encode()
+    return tok.decode([i]).encode()

@@ -83,6 +83,8 @@ def test_loss_falls_and_the_run_directory_follows_the_contract(tiny_data):
     checkpoint = ckpt.load_checkpoint("run/ckpt.pt")
     assert checkpoint["state"]["step"] == 80 and checkpoint["config"]["max_iters"] == 80
     assert checkpoint["tokenizer"] == meta["tokenizer"]
+    total = sum(v.numel() for k, v in checkpoint["model"].items() if k != "lm_head.weight")  # tied
+    assert f"| parameters | {total:,} (" in page
 
 
 @pytest.mark.parametrize("optimizer, dtype", [("adamw", "float32"), ("muon", "float32"), ("adamw", "float16")])
