@@ -1,8 +1,15 @@
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+
+
+# A shell without job control starts `command &` with SIGINT ignored, and children inherit that:
+# the Ctrl-C tests would interrupt processes that ignore it. A handler is reset to the default in
+# every child at exec, so the scripts these tests start take Ctrl-C as a user's terminal sends it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
