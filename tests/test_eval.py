@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import random_gpt
 import torch
 import torch.nn.functional as F
 
@@ -43,11 +44,7 @@ def quiet(monkeypatch, one_thread):
 
 def write_run(out_dir, chars=CHARS, chat_template=None, **arch):
     """A run directory whose checkpoint holds random weights (norms and biases too)."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**TINY, **arch}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = random_gpt(**{**TINY, **arch})
     os.makedirs(out_dir, exist_ok=True)
     extra = dict(chat_template=chat_template) if chat_template else {}
     torch.save(dict(version=CHECKPOINT_VERSION, model=model.state_dict(), config={},

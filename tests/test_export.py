@@ -13,6 +13,7 @@ import re
 import subprocess
 
 import pytest
+from conftest import random_gpt
 import torch
 
 pytest.importorskip("transformers", reason="export.py needs transformers (requirements-extra.txt)")
@@ -52,11 +53,7 @@ def quiet(monkeypatch, one_thread):
 
 def write_run(out_dir, spec=CHAR_SPEC, extra=None, **arch):
     """A run directory with a checkpoint whose every weight (norms and biases too) is random."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**TINY, **arch}))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = random_gpt(**{**TINY, **arch})
     os.makedirs(out_dir, exist_ok=True)
     save_checkpoint(os.path.join(out_dir, "ckpt.pt"), dict(
         version=CHECKPOINT_VERSION, model=model.state_dict(), tokenizer=spec,
