@@ -384,23 +384,36 @@ def test_llama_cpp_s_converter_makes_a_gguf_with_our_vocabulary(tmp_path, monkey
 LLAMA_BIN = os.path.join(LLAMA_CPP, "build", "bin")
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(LLAMA_BIN, "llama-simple")),
-                    reason="set LLAMA_CPP_DIR to a llama.cpp source tree with llama-simple and "
+def gpt2_spec():
+    """GPT-2's own BPE; tiktoken downloads its ranks at first use (offline: .ci/gpt2_ranks.sh)."""
+    try:
+        load_tokenizer({"kind": "tiktoken", "name": "gpt2"})
+    except UserError as e:
+        pytest.skip(f"{e} (or set TIKTOKEN_CACHE_DIR to what .ci/gpt2_ranks.sh prints)")
+    return {"kind": "tiktoken", "name": "gpt2"}
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(LLAMA_BIN, "llama-completion")),
+                    reason="set LLAMA_CPP_DIR to a llama.cpp source tree with llama-completion and "
                     "llama-tokenize built in build/bin (README: Run it in llama.cpp)")
-@pytest.mark.parametrize("make_spec", [lambda: CHAR_SPEC, sp_spec])
-def test_llama_cpp_tokenizes_and_greedy_decodes_as_model_py(tmp_path, monkeypatch, make_spec):
+@pytest.mark.parametrize("make_spec, arch", [(lambda: CHAR_SPEC, "llama"), (sp_spec, "llama"),
+                                             (gpt2_spec, "gpt2"), (gpt2_spec, "llama"),
+                                             (gpt2_spec, "qwen3")])
+def test_llama_cpp_tokenizes_and_greedy_decodes_as_model_py(tmp_path, monkeypatch, make_spec,
+                                                            arch):
     monkeypatch.setenv("PYTHONPATH", os.path.join(LLAMA_CPP, "gguf-py"))
     spec = make_spec()
     tok = load_tokenizer(spec)
-    model = write_run(tmp_path / "run", spec, **dict(ARCHS["llama"], vocab_size=384,
+    vocab = -(-tok.vocab_size // 64) * 64
+    model = write_run(tmp_path / "run", spec, **dict(ARCHS[arch], vocab_size=vocab, n_embd=32,
                                                      block_size=128))  # holds all 100 tokens
     run_export(tmp_path, f"--to_gguf={tmp_path / 'm.gguf'}")
     llama = lambda tool, *args, **kw: subprocess.run(  # noqa: E731
         [os.path.join(LLAMA_BIN, tool), "-m", str(tmp_path / "m.gguf"), *args],
         capture_output=True, check=True, **kw).stdout  # bytes: a piece may be half a character
     probes = ["ROMEO: the sun", " the sun,\n  and Juliet", "Juliet 1234", "\n\nROMEO"]
-    if spec["kind"] == "sp":  # byte fallback: any text
-        probes += ["naïve café", "대한민국 헌법", "  two spaces"]
+    if spec["kind"] != "char":  # byte fallback or byte-level BPE: any text
+        probes += ["naïve café", "대한민국 헌법", "  two spaces", "it's   don't\t\ttabs 12345678"]
     for text in probes:
         ids = json.loads(llama("llama-tokenize", "--stdin", "--ids", "--log-disable",
                                input=text.encode()).strip().splitlines()[-1])
@@ -409,11 +422,13 @@ def test_llama_cpp_tokenizes_and_greedy_decodes_as_model_py(tmp_path, monkeypatc
     ids = torch.tensor([[tok.eot_id] + tok.encode(prompt)])
     ours = []
     for token in model.generate(ids, 100, temperature=0.0, vocab_size=tok.vocab_size):
-        if token.item() == tok.eot_id:  # llama-simple stops at end-of-text
+        if token.item() == tok.eot_id:  # llama.cpp stops at end-of-text
             break
         ours.append(token.item())
-    theirs = llama("llama-simple", "-n", "100", prompt)  # the prompt's pieces, the text, a newline
-    assert theirs.split(prompt.encode(), 1)[1][:-1] == b"".join(token_bytes(tok, i) for i in ours)
+    theirs = llama("llama-completion", "-p", prompt, "-n", "100", "--temp", "0", "-t", "1",
+                   "-no-cnv", "--no-display-prompt", "--no-warmup", "--simple-io")
+    theirs = theirs.removesuffix(b"\n\n").removesuffix(b" [end of text]\n")  # its last lines
+    assert theirs == b"".join(token_bytes(tok, i) for i in ours)
 
 
 def token_bytes(tok, i):
@@ -422,4 +437,6 @@ def token_bytes(tok, i):
         piece = tok.sp.id_to_piece(i)
         byte = re.fullmatch(r"<0x([0-9A-F]{2})>", piece)
         return bytes([int(byte[1], 16)]) if byte else piece.replace("\u2581", " ").encode()
+    if tok.spec["kind"] == "tiktoken":  # a byte-level piece may be part of a character
+        return tok.enc.decode_single_token_bytes(i)
     return tok.decode([i]).encode()
