@@ -1,7 +1,7 @@
 """Speed comparisons behind RESULTS.md, each side by side with what it replaces.
 
-    python bench.py                     # every row (the GPU row only where CUDA is there)
-    python bench.py --only=generation   # one row: speedrun, generation, report or gpu
+    python bench.py                     # every row
+    python bench.py --only=generation   # one row: speedrun, generation or report
     python bench.py --quick=True        # every row at a tiny size, in seconds (the tests)
 
 speedrun: `python train.py config/speedrun_cpu.py` against nanoGPT's CPU recipe
@@ -13,14 +13,12 @@ vocabulary 65 (shakespeare_char's); speed does not depend on what the weights le
 report: seconds of report.write_report (loss.png and report.md, no samples) at the end of a run
 whose log.jsonl has `log_lines` lines, a training line per step and an evaluation every 100th,
 each round in a fresh process with torch imported (as train.py has it): matplotlib's import counts.
-gpu: tokens/s and MFU of a GPT-2 small training step (forward, backward, AdamW) with bf16 autocast
-and torch.compile, random tokens, the median of timed steps after warm-up.
+On a GPU, train.py's own log gives a run's tokens/s and MFU at every step.
 
 The machine may be shared: each comparison alternates its two sides `rounds` times in one process
 and prints every round, then the medians. Nothing here changes what a run computes.
 """
 
-import dataclasses
 import json
 import os
 import statistics
@@ -36,12 +34,12 @@ import torch
 from configurator import UserError
 from files import read_log
 from model import PRESETS, GPT, GPTConfig
-from runtime import mfu, peak_flops, pick_device, precision
+from runtime import pick_device
 from tokenizer import CharTokenizer
 
 @dataclass
 class BenchConfig:
-    only: str = ""               # comma-separated rows; empty = all (gpu only where CUDA is)
+    only: str = ""               # comma-separated rows; empty = all
     quick: bool = False          # tiny models and runs: checks that every row works, in seconds
     rounds: int = 3              # each comparison alternates its two sides this many times
     baseline: str = "config/baseline_cpu.py"   # speedrun: nanoGPT's recipe...
@@ -49,14 +47,11 @@ class BenchConfig:
     train_args: str = ""         # speedrun: --key=value overrides for both commands
     new_tokens: int = 1000       # generation: tokens per round and side
     device: str = "auto"         # generation: where it runs
-    steps: int = 10              # gpu: timed steps (after 3 warm-up steps)
     log_lines: int = 100_000     # report: lines of the run's log.jsonl
 
 
 GENERATION_MODEL = dict(PRESETS["classic"], bias=False, n_layer=6, n_head=6, n_embd=384,
                         block_size=1024, vocab_size=65)
-GPT2_SMALL = dict(PRESETS["classic"], n_layer=12, n_head=12, n_embd=768, block_size=1024,
-                  vocab_size=50304)
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=64)
 QUICK_TRAIN = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
                "--max_iters=4", "--eval_iters=1", "--warmup_iters=1", "--compile=False"]
@@ -95,6 +90,11 @@ def speedrun_row(cfg):
         print(f"  median {side:<9} {mid[side]:8.1f} s  val loss {losses[side]:.4f}")
     print(f"  speedrun / baseline seconds: {ratio:.3f}")
     return dict(seconds=mid, val_loss=losses, ratio=ratio)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def generation_row(cfg):
@@ -180,63 +180,17 @@ def report_row(cfg):
     return dict(lines=lines, seconds=statistics.median(seconds))
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def gpu_row(cfg):
-    """A GPT-2 small training step as train.py takes it on a GPU: bf16 autocast, compiled, AdamW."""
-    device = torch.device("cuda")
-    config = GPTConfig(**dict(GPT2_SMALL, **(TINY if cfg.quick else {})))
-    batch = 2 if cfg.quick else 16
-    torch.manual_seed(0)
-    model = GPT(config).to(device)
-    dtype, autocast, scaler = precision("auto", device)
-    forward = torch.compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, weight_decay=0.1, fused=True)
-    data = torch.randint(config.vocab_size, (batch, config.block_size + 1), device=device)
-
-    def step():
-        with autocast:
-            _, loss = forward(data[:, :-1], data[:, 1:])
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(3):  # the first steps compile
-        step()
-    times = []
-    for _ in range(2 if cfg.quick else cfg.steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    tokens_per_sec = batch * config.block_size / statistics.median(times)
-    utilization = mfu(model.flops_per_token(), tokens_per_sec, peak_flops(device))
-    shown = f"{100 * utilization:.1f}%" if utilization is not None else "n/a (unknown peak)"
-    print(f"gpu: {torch.cuda.get_device_name()}, {config.n_layer} x {config.n_embd}, batch "
-          f"{batch} x {config.block_size}, {str(dtype)[6:]}, compiled\n"
-          f"  tokens/s {tokens_per_sec:,.0f}  MFU {shown}")
-    return dict(tokens_per_sec=tokens_per_sec, mfu=utilization, model=dataclasses.asdict(config))
-
-
-BENCHMARKS = {"speedrun": speedrun_row, "generation": generation_row, "report": report_row,
-              "gpu": gpu_row}
+BENCHMARKS = {"speedrun": speedrun_row, "generation": generation_row, "report": report_row}
 
 
 def main(argv):
     cfg = configurator.build(BenchConfig, configurator.parse(argv, BenchConfig))
-    configurator.check_at_least(cfg, rounds=1, new_tokens=1, steps=1, log_lines=1)
+    configurator.check_at_least(cfg, rounds=1, new_tokens=1, log_lines=1)
     names = [name for name in cfg.only.split(",") if name]
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         raise UserError(f"unknown row {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    if "gpu" in names and not torch.cuda.is_available():
-        raise UserError("the gpu row needs CUDA, and torch sees no GPU here")
-    names = names or [name for name in BENCHMARKS if name != "gpu" or torch.cuda.is_available()]
+    names = names or list(BENCHMARKS)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
     return {name: BENCHMARKS[name](cfg) for name in names}
 

@@ -32,7 +32,7 @@ from configurator import UserError
 from data import TokenData
 from engine import sample_text
 from files import locked_folder
-from model import GPT, GPTConfig, PRESETS
+from model import GPT, GPTConfig
 from recipe import batch_plan, budget_steps, make_optimizers, model_config, start_config
 from runtime import (StopSignals, compile_wanted, distribute, end_process, gradient_sync,
                      mean_over_processes, mfu, peak_flops, precision, start_process, use_threads)

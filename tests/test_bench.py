@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 import bench
 from configurator import UserError
@@ -79,13 +78,6 @@ def test_report_row_draws_a_synthetic_log_in_fresh_processes(capsys):
     assert len(re.findall(r"round \d +[\d.]+ s", out)) == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the gpu row needs CUDA")
-def test_gpu_row_prints_tokens_per_second_and_mfu(capsys):
-    results = bench.main(["--only=gpu", "--quick=True"])["gpu"]
-    assert results["model"]["n_layer"] == 1 and results["tokens_per_sec"] > 0
-    assert re.search(r"tokens/s [\d,]+  MFU ", capsys.readouterr().out)
-
-
 @pytest.mark.parametrize("option, message", [
     ("--only=bogus", "unknown row bogus"), ("--rounds=0", "--rounds must be at least 1"),
     ("--new_tokens=0", "--new_tokens must be at least 1")])
@@ -94,9 +86,3 @@ def test_bad_settings_are_one_line_before_any_row_runs(monkeypatch, option, mess
                                               for name in bench.BENCHMARKS})
     with pytest.raises(UserError, match=message):
         bench.main([option])
-
-
-def test_the_gpu_row_without_cuda_is_one_line(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match="needs CUDA"):
-        bench.main(["--only=gpu"])
