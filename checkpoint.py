@@ -37,8 +37,7 @@ def load_checkpoint(path, needs=("model", "model_config")):
         raise UserError(f"{path} is corrupted or incomplete and cannot be loaded "
                         f"({type(e).__name__}); best.pt beside it may still be good") from e
     if not isinstance(checkpoint, dict) or "version" not in checkpoint:
-        raise UserError(f"{path} is not a checkpoint of this code's train.py; a Hugging Face model "
-                        "comes in through export.py --from_hf")
+        raise UserError(f"{path} is not a checkpoint of this code's train.py or sft.py")
     if checkpoint["version"] != CHECKPOINT_VERSION:
         raise UserError(f"{path} has checkpoint version {checkpoint['version']}, this code reads "
                         f"version {CHECKPOINT_VERSION}")
@@ -51,11 +50,6 @@ def load_checkpoint(path, needs=("model", "model_config")):
 
 def load_init(init_from):
     """The checkpoint to start from: init_from/ckpt.pt for a run directory, else the file itself."""
-    openai = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-    if init_from in openai and not os.path.exists(init_from):
-        raise UserError(f"--init_from={init_from}: import OpenAI's weights first, with python "
-                        f"export.py --from_hf={init_from} --to_run=out-{init_from}, then pass "
-                        f"--init_from=out-{init_from}")
     path = os.path.join(init_from, "ckpt.pt") if os.path.isdir(init_from) else init_from
     if not os.path.isfile(path):
         raise UserError(f"init_from: no checkpoint at {path}; give a run directory or a .pt file")

@@ -4,7 +4,6 @@ that a new message costs only its own tokens (nanochat's engine, in the same spi
 """
 
 import contextlib
-import dataclasses
 import os
 import sys
 
@@ -17,29 +16,17 @@ from tokenizer import load_tokenizer, marker_ids, render_chat, sampleable_vocab_
 
 
 def load_model(out_dir, ckpt="ckpt.pt", device="auto", dtype="auto"):
-    """(model, tokenizer, checkpoint) from a run's checkpoint or an exported Hugging Face folder,
-    on the device, its weights stored in the dtype (bf16 on GPUs: half the bytes per token)."""
+    """(model, tokenizer, checkpoint) from a run's checkpoint, on the device, its weights stored in
+    the dtype (bf16 on GPUs: half the bytes per token)."""
     path = os.path.join(out_dir, ckpt)
-    has = lambda name: os.path.isfile(os.path.join(out_dir, name))  # noqa: E731
-    # either file marks a Hugging Face folder; a run has a config.json too, but also its log
-    if not has(ckpt) and (has("config.json") or has("model.safetensors")) and not has("log.jsonl"):
-        from hf import load_hf  # transformers, for this path only
-        model, info = load_hf(out_dir)
-        if info["tokenizer"] is None:
-            raise UserError(f"{out_dir}: {info['note']}; generation needs a tokenizer it can "
-                            "rebuild")
-        checkpoint = dict(model_config=dataclasses.asdict(model.config),
-                          tokenizer=info["tokenizer"], chat_template=info["chat_template"])
-    else:
-        if not has(ckpt) and not has("log.jsonl"):
-            raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir "
-                            "(and --ckpt) at a run or an exported Hugging Face folder")
-        if not has(ckpt):
-            found = ", ".join(sorted(name for name in os.listdir(out_dir) if name.endswith(".pt")))
-            raise UserError(f"no checkpoint at {path} (the run has {found or 'none'}): check "
-                            "--ckpt")
-        checkpoint = load_checkpoint(path, needs=("model", "model_config", "tokenizer"))
-        model = build_model(checkpoint, path)
+    if not os.path.isfile(path) and not os.path.isfile(os.path.join(out_dir, "log.jsonl")):
+        raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir "
+                        "(and --ckpt) at a run")
+    if not os.path.isfile(path):
+        found = ", ".join(sorted(name for name in os.listdir(out_dir) if name.endswith(".pt")))
+        raise UserError(f"no checkpoint at {path} (the run has {found or 'none'}): check --ckpt")
+    checkpoint = load_checkpoint(path, needs=("model", "model_config", "tokenizer"))
+    model = build_model(checkpoint, path)
     device = pick_device(device)
     model.to(device=device, dtype=pick_dtype(dtype, device)).eval()
     return model, load_tokenizer(checkpoint["tokenizer"]), checkpoint
@@ -178,6 +165,9 @@ class Chat:
                                     kv_cache=self.cache, vocab_size=self.vocab_size)
         with contextlib.closing(steps):  # stopping early leaves the last token for the next turn
             for token in steps:
+                if token.item() == self.tokenizer.eot_id:  # ends a reply too, as eval.py and
+                    reply += self.end                       # the exports stop there
+                    break
                 reply.append(token.item())
                 ended = reply[-len(self.end):] == self.end
                 shown_ids = reply[:-len(self.end)] if ended else reply
@@ -186,7 +176,7 @@ class Chat:
                 shown = text
                 if ended or found:
                     break
-        self.ended = ended or found
+        self.ended = ended or found or reply[-len(self.end):] == self.end
         if not self.ended:  # out of room: a tail held back as a possible marker is text after all
             yield printable(self.tokenizer, reply)[0][len(shown):]
         self.turns.append(turn + reply + ([] if self.ended else self.end))

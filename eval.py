@@ -1,5 +1,5 @@
 """Benchmarks through lm-evaluation-harness, the field's standard (its numbers compare with papers
-and leaderboards), on a checkpoint of train.py or sft.py, or an export.py folder, with no export.
+and leaderboards), on a checkpoint of train.py or sft.py, with no export.
 
     python eval.py                                     # out/ckpt.pt on the offline Shakespeare task
     python eval.py --out_dir=out-gpt-51m --tasks=hellaswag,arc_easy,piqa,lambada_openai
@@ -53,7 +53,7 @@ TASKS_DIR = os.path.join(configurator.ROOT, "eval_tasks")
 
 @dataclass
 class EvalConfig:
-    out_dir: str = "out"          # a run of train.py or sft.py, or an export.py folder
+    out_dir: str = "out"          # a run of train.py or sft.py
     ckpt: str = "ckpt.pt"         # "best.pt" for the best by validation loss
     tasks: str = "shakespeare_completion"  # comma-separated lm-eval tasks or groups
     include_path: str = ""        # a folder of more tasks in lm-eval's YAML format

@@ -1,18 +1,15 @@
-"""Publish a checkpoint as a Hugging Face folder or a GGUF for llama.cpp, and bring a Hugging Face
-model back as a checkpoint.
+"""Publish a checkpoint as a Hugging Face folder or a GGUF for llama.cpp.
 
     python export.py --out_dir=out --to=hf/my-model          # out/ckpt.pt -> hf/my-model/
     hf upload <user>/<repo> hf/my-model                       # the Hub's CLI publishes the folder
     python export.py --out_dir=out --to_gguf=my-model.gguf --llama_cpp=<llama.cpp folder>
-    python export.py --from_hf=hf/my-model --to_run=out-hf    # a local HF folder -> out-hf/ckpt.pt
-    python export.py --from_hf=gpt2 --to_run=out-gpt2         # or the Hub's (then --init_from)
 
 hf.py holds the format; llama.cpp's convert_hf_to_gguf.py (--llama_cpp or $LLAMA_CPP_DIR) makes the
 GGUF. Each destination is staged as <to>.<pid>.tmp and renamed into place, its parent locked.
 """
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 import hashlib
 import os
 import re
@@ -21,12 +18,11 @@ import subprocess
 import sys
 
 import configurator  # first: Ctrl-C during the imports is one line
-import torch
 
-from checkpoint import CHECKPOINT_VERSION, build_model, load_checkpoint, save_checkpoint
+from checkpoint import build_model, load_checkpoint
 from configurator import UserError
 from files import die_with_parent, left_by_the_dead, locked_folder, temp_path
-from hf import architecture, hf_tokenizer, load_hf, ranks_text, save_hf
+from hf import architecture, hf_tokenizer, ranks_text, save_hf
 from tokenizer import load_tokenizer
 
 # tiktoken's published sha256 of r50k_base.tiktoken, GPT-2's ranks, in ranks_text's layout
@@ -43,9 +39,7 @@ class ExportConfig:
     to_gguf: str = ""         # export: a GGUF file for llama.cpp (with --to, made from that folder)
     gguf_type: str = "f32"    # the GGUF's weights: f32 computes as model.py; f16, bf16, q8_0
     llama_cpp: str = ""       # llama.cpp's source folder (convert_hf_to_gguf.py); $LLAMA_CPP_DIR
-    from_hf: str = ""         # import: a Hugging Face folder (GPT-2, Llama or Qwen3), or the Hub's
-    to_run: str = ""          # import: the run directory to write ckpt.pt into
-    overwrite: bool = False   # replace an earlier export, or the --to_run checkpoint
+    overwrite: bool = False   # replace an earlier export
 
     def __post_init__(self):
         if self.gguf_type not in ("f32", "f16", "bf16", "q8_0"):
@@ -179,35 +173,11 @@ def export(cfg):
     return hf, hf_tok
 
 
-def import_hf(cfg):
-    path = os.path.join(cfg.to_run, "ckpt.pt")
-    if os.path.isfile(cfg.to_run):
-        raise UserError(f"--to_run={cfg.to_run} is a file; give a run directory")
-    if os.path.exists(path) and not cfg.overwrite:
-        raise UserError(f"{path} exists; pick another --to_run or pass --overwrite")
-    model, info = load_hf(cfg.from_hf)
-    if info["tokenizer"] is None:
-        print(f"note: no tokenizer spec ({info['note']}); sample.py needs one")
-    # train.py's checkpoint layout, without optimizer state: a starting point, not a run to resume
-    with locked_folder(cfg.to_run, "export.py"):
-        if os.path.exists(path) and not cfg.overwrite:  # written while the model loaded
-            raise UserError(f"{path} exists; pick another --to_run or pass --overwrite")
-        save_checkpoint(path, dict(
-            version=CHECKPOINT_VERSION, model=model.state_dict(), config=asdict(cfg),
-            model_config=asdict(model.config), tokenizer=info["tokenizer"],
-            dataset=f"hf:{cfg.from_hf}", rng=dict(torch=torch.get_rng_state(), cuda=[]),
-            state=dict(step=0, tokens=0, flops=0.0, elapsed=0.0, best_val_loss=float("inf")),
-            **({"chat_template": info["chat_template"]} if info["chat_template"] else {})))
-    print(f"wrote {path} ({info['model_type']}, {model.param_counts()['total'] / 1e6:.2f}M params)")
-    return model, info
-
-
 def main(argv):
     cfg = configurator.build(ExportConfig, configurator.parse(argv, ExportConfig))
-    if bool(cfg.to or cfg.to_gguf) == bool(cfg.from_hf) or bool(cfg.from_hf) != bool(cfg.to_run):
-        raise UserError("give --to=<folder> and/or --to_gguf=<file> to export out_dir's "
-                        "checkpoint, or --from_hf=<folder> --to_run=<run dir> to import one")
-    return export(cfg) if cfg.from_hf == "" else import_hf(cfg)
+    if not (cfg.to or cfg.to_gguf):
+        raise UserError("give --to=<folder> and/or --to_gguf=<file> to export out_dir's checkpoint")
+    return export(cfg)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
-"""model.py's GPT as a Hugging Face folder (AutoModelForCausalLM + AutoTokenizer, no custom code)
-and such a folder back as a GPT: classic -> GPT2LMHeadModel (Conv1D weights transposed); rope +
+"""model.py's GPT as a Hugging Face folder (AutoModelForCausalLM + AutoTokenizer, no custom code):
+classic -> GPT2LMHeadModel (Conv1D weights transposed); rope +
 rmsnorm + swiglu -> LlamaForCausalLM, with qk_norm and bias=False -> Qwen3ForCausalLM. muP is folded
 into the weights; padding rows are special tokens generate() never picks (suppress_tokens).
 Tokenizers keep our ids: char -> a BPE without merges, spaces as U+2581; sp -> Llama's plus
-tokenizer.model; tiktoken -> GPT-2's byte-level BPE. A chat template becomes a Jinja chat_template
-and chat_markers.json."""
+tokenizer.model; tiktoken -> GPT-2's byte-level BPE. A chat template becomes a Jinja chat_template."""
 
 import base64
-import contextlib
 import dataclasses
 import json
 import math
@@ -17,10 +15,9 @@ import tempfile
 import torch
 
 from configurator import UserError
-from model import GPT, GPTConfig
-from tokenizer import EOT_TEXT, GPT2_PATTERN, chat_template_jinja, load_tokenizer
+from model import GPT
+from tokenizer import EOT_TEXT, GPT2_PATTERN, chat_template_jinja
 
-CHAT_MARKERS = "chat_markers.json"  # a fine-tuned model's chat template as tokenizer.py holds it
 SPACE = "\u2581"  # SentencePiece's visible space, which Llama-style vocabularies spell spaces with
 EXPORTABLE = ("exportable: classic (learned positions, layernorm, gelu) as GPT-2; rope + rmsnorm "
               "+ swiglu as Llama, with qk_norm and bias=False as Qwen3; dense only")
@@ -227,124 +224,7 @@ def save_hf(model, tok, template, folder):
                 config = dict(json.load(f), **extra)
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=2, ensure_ascii=False)
-    if template:  # the markers themselves, which Jinja cannot give back: load_hf reads them
-        with open(os.path.join(folder, CHAT_MARKERS), "w", encoding="utf-8") as f:
-            json.dump(template, f, ensure_ascii=False)
     if kind == "sp":
         with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
             f.write(base64.b64decode(tok.spec["model"]))
     return hf, hf_tok, notes
-
-def gpt_config_from_hf(h):
-    """The GPTConfig of a transformers GPT-2, Llama or Qwen3 config, or a UserError."""
-    arch = h.model_type
-    if arch == "gpt2":
-        if h.activation_function != "gelu":  # OpenAI's GPT-2 uses gelu_new, the tanh form
-            print(f"note: {arch} uses {h.activation_function}; model.py's exact GELU differs ~1e-3")
-        c = GPTConfig(vocab_size=h.vocab_size, block_size=h.n_positions, n_layer=h.n_layer,
-                      n_head=h.n_head, n_embd=h.n_embd, mlp_hidden=h.n_inner or 0, bias=True,
-                      tie_embeddings=h.tie_word_embeddings)
-    elif arch not in ("llama", "qwen3"):
-        raise UserError(f"model_type {arch!r} cannot be imported; this reads gpt2, llama, qwen3")
-    else:
-        rope = h.rope_parameters or {}
-        if (rope.get("rope_type", "default") != "default" or h.hidden_act != "silu"
-                or getattr(h, "use_sliding_window", False)):
-            raise UserError(f"{arch} with rope {rope.get('rope_type')}, sliding window or "
-                            f"{h.hidden_act} is not model.py's")
-        if h.head_dim != h.hidden_size // h.num_attention_heads:
-            raise UserError(f"head_dim {h.head_dim} is not hidden_size / num_attention_heads; "
-                            "model.py cannot hold it")
-        if h.rms_norm_eps != 1e-6:
-            print(f"note: rms_norm_eps is {h.rms_norm_eps}; model.py's RMSNorm uses 1e-6")
-        c = GPTConfig(vocab_size=h.vocab_size, block_size=h.max_position_embeddings,
-                      n_layer=h.num_hidden_layers, n_head=h.num_attention_heads,
-                      n_kv_head=h.num_key_value_heads, n_embd=h.hidden_size,
-                      bias=h.attention_bias or getattr(h, "mlp_bias", False), pos_emb="rope",
-                      rope_theta=float(rope.get("rope_theta", 10000.0)), norm="rmsnorm",
-                      mlp="swiglu", mlp_hidden=h.intermediate_size, qk_norm=arch == "qwen3",
-                      tie_embeddings=h.tie_word_embeddings)
-    default = dataclasses.replace(c, mlp_hidden=0)  # 0 for model.py's width, as train.py writes
-    return default if default.mlp_width == c.mlp_width else c
-
-
-def tokenizer_spec_from_hf(folder):
-    """A tokenizer.py spec that encodes like the folder's tokenizer, or (None, why)."""
-    from transformers import AutoTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    if os.path.isfile(os.path.join(folder, "tokenizer.model")):  # SentencePiece: carried whole
-        with open(os.path.join(folder, "tokenizer.model"), "rb") as f:
-            return dict(kind="sp", model=base64.b64encode(f.read()).decode()), None
-    try:
-        backend = json.loads(AutoTokenizer.from_pretrained(folder).backend_tokenizer.to_str())
-    except Exception as e:
-        return None, f"no tokenizer loads from {folder} ({type(e).__name__})"
-    model, specials = backend["model"], {t["content"]: t["id"] for t in backend["added_tokens"]}
-    vocab = model.get("vocab") or {}
-    if model["type"] == "BPE" and not model["merges"] and EOT_TEXT in specials:  # char's layout
-        chars = "".join(" " if t == SPACE else t for t in sorted(vocab, key=vocab.get))
-        if specials[EOT_TEXT] == len(chars) == len(vocab):
-            return dict(kind="char", chars=chars), None
-    if model["type"] == "BPE" and "ByteLevel" in json.dumps(backend["pre_tokenizer"]) \
-            and EOT_TEXT in specials:
-        to_byte = {u: b for b, u in bytes_to_unicode().items()}
-        ranks = sorted((i, bytes(to_byte[ch] for ch in t)) for t, i in vocab.items())
-        if specials[EOT_TEXT] == len(ranks) and all(i == r for r, (i, _) in enumerate(ranks)):
-            text = "".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in ranks)
-            return dict(kind="tiktoken", ranks=text), None  # GPT-2's pattern: load_hf checks it
-    return None, (f"its {model['type']} tokenizer has no tokenizer.py equivalent (char, "
-                  "SentencePiece, GPT-2 BPE)")
-
-
-def load_hf(folder):
-    """A GPT from a GPT-2, Llama or Qwen3 folder (or Hub name), and dict(model_type, tokenizer=spec
-    or None, note=why not, chat_template)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    if not os.path.exists(folder):  # a Hub name (gpt2, Qwen/Qwen3-0.6B), downloaded once
-        from huggingface_hub import snapshot_download
-        try:  # the files read here: configuration, weights and tokenizer
-            folder = snapshot_download(folder, allow_patterns=["*.json", "*.safetensors",
-                                                               "tokenizer.model", "*.txt"])
-        except Exception as e:  # no network, an unknown repository, a name that is no repo id
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-            raise UserError(f"--from_hf={folder} is no local folder, and the Hub did not give it "
-                            f"({type(e).__name__}: {detail})") from e
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise UserError(f"{folder} has no config.json: give a local Hugging Face model folder")
-    try:
-        hf_cfg = AutoConfig.from_pretrained(folder)
-    except Exception as e:  # OSError, ValueError and transformers' own for a broken config.json
-        raise UserError(f"{folder}/config.json does not load ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0]})") from e
-    c, arch = gpt_config_from_hf(hf_cfg), hf_cfg.model_type
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except OSError as e:  # no model.safetensors (or pytorch_model.bin) in the folder
-        raise UserError(f"{folder}: {str(e).strip().splitlines()[0]}") from e
-    theirs, model, names, new = hf.state_dict(), GPT(c), weight_map(c, arch), {}
-    for key, target in model.state_dict().items():  # absent: a bias of zero
-        h, t = names.get(key, (None, False))
-        new[key] = (theirs[h].T if t else theirs[h]) if h in theirs else torch.zeros_like(target)
-    for i in range(c.n_layer * (arch == "gpt2")):
-        a = f"transformer.h.{i}.attn."
-        for s in ("weight", "bias"):
-            w = theirs[a + "c_attn." + s]
-            parts = (w.T if s == "weight" else w).chunk(3)
-            new.update({f"{a}{n}.{s}": p for n, p in zip(("q_proj", "k_proj", "v_proj"), parts)})
-    model.load_state_dict(new, strict=True)
-    spec, note = tokenizer_spec_from_hf(folder)
-    if spec is not None and spec["kind"] != "sp":  # check the spec against the folder's tokenizer
-        probe = "Hello, world! It's 2024 -- ROMEO: 'tis   fine.\n\nnaïve café 日本語 🎭"
-        hf_tok, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(spec)
-        probe = "".join(ch for ch in probe if spec["kind"] != "char" or ch in spec["chars"])
-        if hf_tok.encode(probe, add_special_tokens=False) != ours.encode(probe):
-            spec, note = None, "its tokenizer encodes differently from tokenizer.py's rebuilding"
-    path, template = os.path.join(folder, CHAT_MARKERS), None  # save_hf's chat markers
-    if os.path.isfile(path):
-        with contextlib.suppress(OSError, ValueError), open(path, encoding="utf-8") as f:
-            template = json.load(f)
-        if not isinstance(template, dict) or not all(isinstance(m, str) or (isinstance(m, list)
-                and all(isinstance(i, int) for i in m)) for m in template.values()):
-            raise UserError(f"{path} is not a chat template (a dict of role: text or list of "
-                            "token ids); delete it to import the model without one")
-    return model.eval(), dict(model_type=arch, tokenizer=spec, note=note, chat_template=template)

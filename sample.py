@@ -5,10 +5,10 @@
     python sample.py --out_dir=out --prompt=FILE:prompt.txt   # --prompt=- reads stdin; or --start
     python sample.py --out_dir=out-sft --chat                 # talk to a fine-tuned model
 
---out_dir may also be a folder written by export.py. A prompt is prefilled once into the model's
-KV cache, then each new token costs one position (model.generate). With --chat, the conversation is
-laid out in the checkpoint's chat template (tokenizer.render_chat, which sft.py trains on) and each
-reply ends at the template's end_of_turn; the cache is kept from one message to the next.
+A prompt is prefilled once into the model's KV cache, then each new token costs one position
+(model.generate). With --chat, the conversation is laid out in the checkpoint's chat template
+(tokenizer.render_chat, which sft.py trains on) and each reply ends at the template's end_of_turn;
+the cache is kept from one message to the next.
 """
 
 import os

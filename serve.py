@@ -6,7 +6,7 @@
     curl -N http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
         -d '{"messages": [{"role": "user", "content": "Hello"}], "stream": true}'
 
-OpenAI's chat and text completions, /v1/models and /health; --out_dir: a run or an HF export.
+OpenAI's chat and text completions, /v1/models and /health; --out_dir: a run of train.py or sft.py.
 """
 
 import asyncio

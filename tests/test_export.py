@@ -22,14 +22,13 @@ pytest.importorskip("safetensors", reason="export.py needs safetensors")
 import transformers
 
 import export
-import hf as hf_py
 import sample
-from checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from checkpoint import CHECKPOINT_VERSION, save_checkpoint
 from configurator import UserError
-from engine import load_model
+from engine import Chat
 from files import locked_folder
-from model import GPT, GPTConfig, PRESETS
-from tokenizer import load_tokenizer, render_chat
+from model import GPT, PRESETS
+from tokenizer import chat_template, load_tokenizer, render_chat
 
 TEXT = ("ROMEO: But soft, what light through yonder window breaks?\nIt is the east, and Juliet is "
         "the sun.\nJULIET: O Romeo, Romeo! wherefore art thou Romeo? 1234 5678\n  Deny thy "
@@ -74,7 +73,7 @@ def files(folder):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_transformers_computes_what_model_py_computes_and_the_weights_come_back(tmp_path, arch):
+def test_transformers_computes_and_tokenizes_what_model_py_does(tmp_path, arch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = write_run(tmp_path / "run", **ARCHS[arch])
     run_export(tmp_path)
@@ -107,15 +106,6 @@ def test_transformers_computes_what_model_py_computes_and_the_weights_come_back(
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok.encode(TEXT[:200], add_special_tokens=False) == tok.encode(TEXT[:200])
 
-    export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
-    back, _, checkpoint = load_model(str(tmp_path / "back"), device="cpu", dtype="float32")
-    assert checkpoint["tokenizer"] == CHAR_SPEC
-    assert back.config == dataclasses.replace(model.config, vocab_size=rows)
-    for key, value in model.state_dict().items():
-        rows_only = key in ("transformer.wte.weight", "lm_head.weight")
-        assert torch.equal(back.state_dict()[key], value[:rows] if rows_only else value), key
-    with pytest.raises(UserError, match="exists"):
-        export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -144,11 +134,8 @@ def test_gpt2_without_biases_and_with_grouped_kv_heads_is_still_gpt2(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     rows = hf.config.vocab_size
     x = torch.randint(0, rows, (1, 30))
-    back, _ = hf_py.load_hf(str(tmp_path / "hf"))  # biases of zero, every kv head its own
-    assert back.config.bias and back.config.n_kv_head == 0
-    with torch.no_grad():
+    with torch.no_grad():  # biases of zero, every kv head its own
         assert (model(x, x)[0][..., :rows] - hf(x).logits).abs().max() < 1e-4
-        assert (model(x, x)[0][..., :rows] - back(x, x)[0]).abs().max() < 1e-5
 
 
 def sp_spec():
@@ -172,7 +159,7 @@ def tiktoken_spec():
 
 
 @pytest.mark.parametrize("make_spec", [sp_spec, tiktoken_spec])
-def test_exported_tokenizers_encode_to_the_same_ids_and_come_back(tmp_path, make_spec):
+def test_exported_tokenizers_encode_to_the_same_ids(tmp_path, make_spec):
     from transformers import AutoTokenizer
     spec = make_spec()
     tok = load_tokenizer(spec)
@@ -184,11 +171,9 @@ def test_exported_tokenizers_encode_to_the_same_ids_and_come_back(tmp_path, make
         ids = hf_tok.encode(text, add_special_tokens=False)
         assert ids == tok.encode(text) and hf_tok.decode(ids) == text
     assert hf_tok.eos_token_id == tok.eot_id
-    _, info = hf_py.load_hf(str(tmp_path / "hf"))
-    assert load_tokenizer(info["tokenizer"]).encode(PROBE) == tok.encode(PROBE)
 
 
-def test_the_pipeline_and_sample_py_on_the_folder_continue_as_sample_py_on_the_run(tmp_path):
+def test_the_pipeline_on_the_folder_continues_as_sample_py_on_the_run(tmp_path):
     from transformers import AutoTokenizer, pipeline
     write_run(tmp_path / "run", **ARCHS["gpt2"])  # its greedy text does not reach end-of-text
     run_export(tmp_path)
@@ -198,17 +183,14 @@ def test_the_pipeline_and_sample_py_on_the_folder_continue_as_sample_py_on_the_r
     generate = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu",
                         dtype=torch.float32)
     theirs = generate("ROMEO:", max_new_tokens=30, do_sample=False)[0]["generated_text"]
-    texts = []
-    for folder in ("run", "hf"):
-        out = io.StringIO()
-        sample.main([f"--out_dir={tmp_path / folder}", "--prompt=ROMEO:", "--temperature=0",
-                     "--max_new_tokens=30", "--dtype=float32"], out=out)
-        texts.append(out.getvalue().split("\n" + "-" * 40)[0])
-    assert theirs == texts[0] == texts[1] and len(theirs) > len("ROMEO:") + 20
+    out = io.StringIO()
+    sample.main([f"--out_dir={tmp_path / 'run'}", "--prompt=ROMEO:", "--temperature=0",
+                 "--max_new_tokens=30", "--dtype=float32"], out=out)
+    assert theirs == out.getvalue().split("\n" + "-" * 40)[0] and len(theirs) > len("ROMEO:") + 20
 
 
-def test_chat_template_renders_as_sample_py_does_and_comes_back(tmp_path, monkeypatch):
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+def test_chat_template_renders_as_sample_py_does(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     tok = load_tokenizer(CHAR_SPEC)
     template = {"user": [70], "assistant": [72], "end_of_turn": [71], "system": "ROMEO:"}
     write_run(tmp_path / "run", **dict(ARCHS["llama"], extra=dict(chat_template=template)))
@@ -224,20 +206,20 @@ def test_chat_template_renders_as_sample_py_does_and_comes_back(tmp_path, monkey
     assert generation.eos_token_id == [tok.eot_id, 71]
     assert AutoConfig.from_pretrained(tmp_path / "hf").vocab_size == 73  # up to the last marker
     assert generation.suppress_tokens == list(range(tok.vocab_size, 70))  # the rows between
-
-    export.main([f"--from_hf={tmp_path / 'hf'}", f"--to_run={tmp_path / 'back'}"])
-    assert load_checkpoint(str(tmp_path / "back" / "ckpt.pt"))["chat_template"] == template
-    replies = []
-    for folder in ("run", "hf", "back"):  # the folder itself too, as sample.py reads it
-        monkeypatch.setattr("sys.stdin", io.StringIO("hi Romeo\nwhat light?\n"))
-        out = io.StringIO()
-        sample.main([f"--out_dir={tmp_path / folder}", "--chat", "--system=be brief",
-                     "--temperature=0", "--max_new_tokens=12", "--dtype=float32"], out=out)
-        replies.append(out.getvalue())
-    assert replies[0] == replies[1] == replies[2]
-    (tmp_path / "hf" / hf_py.CHAT_MARKERS).write_text('{"user": 3.5}')
-    with pytest.raises(UserError, match="is not a chat template"):
-        hf_py.load_hf(str(tmp_path / "hf"))
+    # with sft.py's markers, right after the tokenizer's ids, transformers' greedy reply in the
+    # template is sample.py --chat's
+    template = chat_template(tok, TINY["vocab_size"])
+    model = write_run(tmp_path / "run", **dict(ARCHS["llama"], extra=dict(chat_template=template)))
+    run_export(tmp_path, "--overwrite")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    prompt = torch.tensor([hf_tok.apply_chat_template(messages[:2], add_generation_prompt=True)
+                           ["input_ids"]])
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.size(1):].tolist()
+    ends = (tok.eot_id, *template["end_of_turn"])
+    theirs = theirs[:next((i for i, t in enumerate(theirs) if t in ends), 12)]
+    ours = "".join(Chat(model, tok, template, "be brief").respond("hi Romeo", 12, temperature=0))
+    assert tok.decode(theirs) == ours
 
 
 def refused(tmp_path, *args, match, to="hf"):
@@ -284,8 +266,6 @@ def test_bad_arguments_say_what_to_give(tmp_path):
     with pytest.raises(UserError, match="gguf_type must be"):
         export.main([f"--out_dir={tmp_path}", "--to_gguf=m.gguf", "--gguf_type=q4"])
     refused(tmp_path, match="no checkpoint")
-    with pytest.raises(UserError, match="no config.json"):
-        export.main([f"--from_hf={tmp_path}", f"--to_run={tmp_path / 'run'}"])
 
 
 def test_export_never_deletes_the_run_or_files_that_are_not_an_export(tmp_path):

@@ -186,18 +186,6 @@ def test_a_seed_gives_the_same_sampled_reply(chat_server):
     assert replies[0] == replies[1] != replies[2]
 
 
-def test_an_exported_hugging_face_folder_is_served_as_sample_py_reads_it(tmp_path):
-    pytest.importorskip("transformers")
-    import export
-    write_run(tmp_path / "run")
-    export.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"])
-    expected = sample_py(f"--out_dir={tmp_path / 'hf'}", "--prompt=the king", "--max_new_tokens=20")
-    with running(tmp_path / "hf") as (url, _):
-        response = client(url).completions.create(model="hf", prompt="the king", max_tokens=20,
-                                                  temperature=0)
-    assert "the king" + response.choices[0].text == expected
-
-
 def test_each_request_prefills_its_whole_conversation_once(chat_server, monkeypatch):
     url, server = chat_server
     calls = count_forward_tokens(monkeypatch, server.model)

@@ -332,9 +332,6 @@ def test_init_from_starts_from_another_runs_weights_with_a_fresh_optimizer(tiny_
     assert ckpt.load_checkpoint("second/ckpt.pt")["state"]["step"] == 4
     with pytest.raises(UserError, match="init_from: no checkpoint at nowhere"):
         train.main(TINY + ["--out_dir=third", "--init_from=nowhere"])
-    with pytest.raises(UserError, match="import OpenAI's weights first, with python export.py --from_hf=gpt2-medium "
-                                        "--to_run=out-gpt2-medium, then pass --init_from=out-gpt2-medium"):
-        train.main(TINY + ["--out_dir=third", "--init_from=gpt2-medium"])  # nanoGPT's name for OpenAI's weights
     with open("digits.txt", "w") as f:  # a char vocabulary of its own: the same ids would mean other characters
         f.write("0123456789 +-=\n" * 2000)
     prepare.main(["--source=digits.txt", "--dataset=digits", "--tokenizer=char"])
@@ -643,7 +640,7 @@ def test_a_read_only_out_dir_or_a_dangling_link_is_one_line(tiny_data, monkeypat
 def test_a_checkpoint_without_optimizer_state_is_not_resumed(tiny_data):
     train.main(TINY + ["--out_dir=run", "--max_iters=4", "--eval_interval=4"])
     checkpoint = ckpt.load_checkpoint("run/ckpt.pt")
-    del checkpoint["optimizers"]  # weights only, as export.py --from_hf writes them
+    del checkpoint["optimizers"]  # weights only, as a checkpoint shared without its optimizer
     ckpt.save_checkpoint("run/ckpt.pt", checkpoint)
     with pytest.raises(UserError, match="run/ckpt.pt holds weights to start from, not a run to resume: use "
                                         "--init_from"):
