@@ -88,14 +88,18 @@ class TextStream:
         return text[len(context):]
 
 
+def cached_length(cache, ids):
+    """How many of `ids`, from the first, the cache holds already."""
+    cached = cache.tokens[0, :cache.pos].tolist()
+    differ = (i for i, (a, b) in enumerate(zip(cached, ids)) if a != b)
+    return next(differ, min(len(cached), len(ids)))
+
+
 def continue_cache(cache, context):
     """Cut the cache back to the part of it that `context` starts with, keeping at least one new
     token (whose logits start the reply); the ids still to prefill, (1, T). Positions are absolute,
     so a stale tail cannot be kept."""
-    cached = cache.tokens[0, :cache.pos].tolist()
-    same = next((i for i, (a, b) in enumerate(zip(cached, context)) if a != b),
-                min(len(cached), len(context)))
-    cache.pos = min(same, len(context) - 1)
+    cache.pos = min(cached_length(cache, context), len(context) - 1)
     return torch.tensor([context[cache.pos:]], device=cache.k.device)
 
 
@@ -103,7 +107,7 @@ class Chat:
     """A conversation in a checkpoint's chat template (tokenizer.py), whose KV cache outlives each
     turn. `turns` holds the ids of each finished exchange: message, assistant marker, reply, end."""
 
-    def __init__(self, model, tokenizer, template, system=""):
+    def __init__(self, model, tokenizer, template, system="", cache=None):
         missing = {"user", "assistant", "end_of_turn"} - template.keys()
         if missing:
             raise UserError(f"the chat template lacks {', '.join(sorted(missing))}; fine-tune "
@@ -121,7 +125,7 @@ class Chat:
             raise UserError(f"the system message takes {len(self.prefix) - 1} tokens and the "
                             f"context holds {model.config.block_size}, leaving no room for a "
                             "message: shorten it")
-        self.turns, self.cache = [], None  # the cache is made at the first reply
+        self.turns, self.cache = [], cache  # a cache is made at the first reply unless given
         self.vocab_size = sampleable_vocab_size(tokenizer, template)
 
     def user_turn(self, message):
@@ -152,14 +156,15 @@ class Chat:
 
     def respond(self, message, max_new_tokens, temperature=0.8, top_k=0, top_p=1.0, generator=None):
         """Yield the reply's text as it is generated, a piece per token; the exchange joins the
-        conversation once it ends. Then `ended` says whether the reply reached end_of_turn."""
+        conversation once it ends. Then `reused` is how many context tokens the cache held, and
+        `ended` whether the reply reached end_of_turn."""
         turn = self.fit(message, max_new_tokens)
         context = self.context(turn)
         # the cache is reused as far as it matches: all but the new tokens normally, the system
         # prefix after a drop
         self.cache = self.cache or self.model.new_kv_cache(1)
         new = continue_cache(self.cache, context)
-        reply, shown, ended, found = [], "", False, False
+        self.reused, reply, shown, ended, found = self.cache.pos, [], "", False, False
         room = min(max_new_tokens, self.model.config.block_size - len(context))
         steps = self.model.generate(new, room, temperature, top_k, top_p, generator,
                                     kv_cache=self.cache, vocab_size=self.vocab_size)

@@ -26,7 +26,7 @@ import configurator  # first: Ctrl-C during the imports is one line
 import torch
 
 from configurator import UserError
-from engine import Chat, TextStream, cut_at, load_model
+from engine import Chat, TextStream, cached_length, continue_cache, cut_at, load_model
 from runtime import use_threads
 from tokenizer import render_chat
 
@@ -48,6 +48,7 @@ class ServeConfig:
     host: str = "127.0.0.1"       # this machine only; 0.0.0.0 is every interface (give --api_key)
     port: int = 8000              # 0 = any free port (printed)
     api_key: str = ""             # when set, /v1/ needs the header "Authorization: Bearer <key>"
+    cache_mb: float = 1024.0      # KV caches of recent conversations kept in this many MB; 0: none
     max_new_tokens: int = 512     # the most a request may ask for (max_tokens), and its default
     max_request_kb: int = 1024    # a larger request body is refused
     device: str = "auto"          # "auto" picks cuda, then mps, then cpu
@@ -127,16 +128,17 @@ async def parse(request, schema, limit):
 class Reply:  # how a reply ended and what it cost: its last event
     finish_reason: str = "length"
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
 
     def usage(self):
         return dict(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                    total_tokens=self.prompt_tokens + self.completion_tokens)
+                    total_tokens=self.prompt_tokens + self.completion_tokens,
+                    prompt_tokens_details=dict(cached_tokens=self.cached_tokens))
 
 
 class Server:
-    """The model, its tokenizer and chat template, and the thread that runs the model. A request
-    is a whole conversation, prefilled whole: no KV cache is kept between requests."""
+    """The model, its tokenizer and chat template, the kept caches, and the model's thread."""
     def __init__(self, model, tokenizer, checkpoint, cfg):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.template = checkpoint.get("chat_template")
@@ -146,6 +148,21 @@ class Server:
         self.block, self.device = model.config.block_size, model.lm_head.weight.device
         self.limit = min(cfg.max_new_tokens, self.block - 1)  # after at least end-of-text
         self.thread = concurrent.futures.ThreadPoolExecutor(1, "model")  # steps queue up in turn
+        self.written = {}  # reply text -> the ids it was written in, where they differ (1024)
+        self.caches, probe = [], model.new_kv_cache(1)  # recent conversations', LRU first
+        self.cache_bytes = probe.k.nbytes + probe.v.nbytes + probe.tokens.nbytes
+        self.capacity = int(cfg.cache_mb * 2**20 // self.cache_bytes)
+        if cfg.cache_mb and not self.capacity:
+            raise UserError(f"--cache_mb={cfg.cache_mb:g} cannot hold one conversation, which "
+                            f"takes {self.cache_bytes / 2**20:.1f} MB: raise it, or 0 keeps none")
+
+    def take(self, ids):
+        """The kept cache that `ids` continue the most of, or a new one (none is ever cut back)."""
+        best = max(reversed(self.caches), key=lambda c: cached_length(c, ids), default=None)
+        if best is not None and cached_length(best, ids) == best.pos:
+            self.caches.remove(best)
+            return best
+        return self.model.new_kv_cache(1)
 
     async def run(self, request, pieces):
         """The text cut at the stop strings, then the Reply; a reply that no one reads stops."""
@@ -210,36 +227,56 @@ class Server:
         except UserError as e:  # no system marker, or a system message that leaves no room
             raise ApiError(400, str(e), "messages", "context_length_exceeded"
                            if "system" in self.template else "invalid_value") from e
-        # the finished exchanges as Chat keeps them, rendered as sft.py trained on them
-        chat.turns = [render_chat(self.tokenizer, self.template,
-                                  [u.model_dump(), a.model_dump()])[0][1:]
+        # the finished exchanges as Chat keeps them, a reply written here in the ids it was
+        chat.turns = [chat.user_turn(u.content) + self.written[a.content] if a.content in
+                      self.written else render_chat(self.tokenizer, self.template,
+                                                    [u.model_dump(), a.model_dump()])[0][1:]
                       for u, a in zip(rest[:-1:2], rest[1::2])]
         turn = chat.user_turn(message := rest[-1].content)
         asked = self.max_tokens(request, "the message" + " with the system message" * bool(system),
                                 len(chat.prefix) + len(turn))
         while asked and chat.turns and len(chat.context(turn)) + asked > self.block:
             chat.turns.pop(0)  # room for all of max_tokens (Chat.fit leaves at most half a block)
-        reply.prompt_tokens = len(chat.context(chat.fit(message, asked or self.limit)))
-        yield from chat.respond(message, asked or self.limit, request.temperature, 0,
-                                request.top_p, request.generator(self.device))
-        reply.finish_reason = "stop" if chat.ended else "length"
-        ids = chat.turns[-1][len(turn):]  # the reply's tokens, then end_of_turn
-        reply.completion_tokens = len(ids) - len(chat.end) * (not chat.ended)
+        context = chat.context(chat.fit(message, asked or self.limit))
+        reply.prompt_tokens, chat.cache, text = len(context), self.take(context), ""
+        steps = chat.respond(message, asked or self.limit, request.temperature, 0, request.top_p,
+                             request.generator(self.device))
+        try:
+            for piece in steps:
+                reply.cached_tokens, text = chat.reused, text + piece
+                reply.completion_tokens += 1
+                yield piece
+            reply.finish_reason = "stop" if chat.ended else "length"
+            ids = chat.turns[-1][len(turn):]  # the reply's tokens, then end_of_turn
+            reply.completion_tokens = len(ids) - len(chat.end) * (not chat.ended)
+            if ids != self.tokenizer.encode(text) + chat.end:  # kept, or the cache is missed
+                self.written[text] = ids
+                while len(self.written) > 1024:
+                    del self.written[next(iter(self.written))]  # the oldest
+        finally:
+            self.caches.append(chat.cache)  # the least recently used go beyond the budget
+            del self.caches[:len(self.caches) - self.capacity]
 
     def completion_pieces(self, request, reply):
         ids = [self.tokenizer.eot_id] + self.encode(request.prompt, "prompt")  # as documents start
         asked = self.max_tokens(request, "the prompt", len(ids))
-        reply.prompt_tokens, decoded = len(ids), TextStream(self.tokenizer)
-        for token in self.model.generate(
-                torch.tensor([ids], device=self.device), min(asked or self.limit,
-                self.block - len(ids)), request.temperature, 0, request.top_p,
-                request.generator(self.device), vocab_size=self.tokenizer.vocab_size):
-            reply.completion_tokens += 1
-            if token.item() == self.tokenizer.eot_id:
-                reply.finish_reason = "stop"
-                break
-            yield decoded.push(token.item())
-        yield decoded.flush()
+        reply.prompt_tokens, cache = len(ids), self.take(ids)
+        try:
+            new = continue_cache(cache, ids)
+            reply.cached_tokens, decoded = cache.pos, TextStream(self.tokenizer)
+            for token in self.model.generate(
+                    new, min(asked or self.limit, self.block - len(ids)), request.temperature, 0,
+                    request.top_p, request.generator(self.device), kv_cache=cache,
+                    vocab_size=self.tokenizer.vocab_size):
+                reply.completion_tokens += 1
+                if token.item() == self.tokenizer.eot_id:
+                    reply.finish_reason = "stop"
+                    break
+                yield decoded.push(token.item())
+            yield decoded.flush()
+        finally:
+            self.caches.append(cache)
+            del self.caches[:len(self.caches) - self.capacity]
 
 
 async def answer(server, request, schema, chat):
@@ -301,7 +338,9 @@ def make_app(server):
 
     @app.get("/health")
     async def health():
-        return dict(status="ok", model=server.name, chat=bool(server.template))
+        return dict(status="ok", model=server.name, chat=bool(server.template),
+                    cached_conversations=len(server.caches), cache_budget_mb=server.cfg.cache_mb,
+                    cache_mb=len(server.caches) * server.cache_bytes / 2**20)
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models():
@@ -328,7 +367,8 @@ def listen(host, port):
 
 def main(argv):
     cfg = configurator.build(ServeConfig, configurator.parse(argv, ServeConfig))
-    configurator.check_at_least(cfg, port=0, max_new_tokens=1, max_request_kb=1, threads=0)
+    configurator.check_at_least(cfg, port=0, cache_mb=0, max_new_tokens=1, max_request_kb=1,
+                                threads=0)
     if cfg.port > 65535:
         raise UserError(f"--port must be at most 65535, got {cfg.port}")
     use_threads(cfg.threads)

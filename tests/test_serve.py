@@ -1,6 +1,6 @@
 """serve.py against real clients on localhost: the official openai package gets sample.py's greedy
-text, streamed or whole; each request prefills its conversation once; concurrent clients all get
-their own replies; a client that disconnects stops its reply; bad requests
+text, streamed or whole; later turns prefill only their new tokens; concurrent clients all get
+their own replies within the cache budget; a client that disconnects stops its reply; bad requests
 get 4xx in OpenAI's error shape, with OpenAI's codes and in API terms; max_tokens is held to the
 context; the API key."""
 
@@ -118,14 +118,9 @@ def client(url, **kwargs):
 
 def sample_chat(server, messages, max_tokens):
     """engine.Chat's greedy replies to `messages`, one after the other, as sample.py --chat gives
-    them, except that each earlier reply is known by its text (as a client sends it), not by the
-    ids the model wrote (which may hold a token without text)."""
-    chat, replies = engine.Chat(server.model, server.tokenizer, TEMPLATE), []
-    for message in messages:
-        replies.append("".join(chat.respond(message, max_tokens, temperature=0)))
-        exchange = [dict(role="user", content=message), dict(role="assistant", content=replies[-1])]
-        chat.turns[-1] = render_chat(server.tokenizer, TEMPLATE, exchange)[0][1:]
-    return replies
+    them."""
+    chat = engine.Chat(server.model, server.tokenizer, TEMPLATE)
+    return ["".join(chat.respond(m, max_tokens, temperature=0)) for m in messages]
 
 
 def ask(openai_client, history, message, stream=False, **kwargs):
@@ -186,19 +181,30 @@ def test_a_seed_gives_the_same_sampled_reply(chat_server):
     assert replies[0] == replies[1] != replies[2]
 
 
-def test_each_request_prefills_its_whole_conversation_once(chat_server, monkeypatch):
+def test_each_later_turn_prefills_only_its_new_tokens(chat_server, monkeypatch):
     url, server = chat_server
     calls = count_forward_tokens(monkeypatch, server.model)
-    encode, history = server.tokenizer.encode, []
-    for turn in range(4):
+    encode, history, finish = server.tokenizer.encode, [], None
+    for turn in range(10):
         message = " ".join(WORDS[turn:turn + 3])
         first_call = len(calls)
-        text, usage, _ = ask(client(url), history, message, stream=turn % 2 == 1, max_tokens=12)
-        assert calls[first_call] == usage.prompt_tokens  # what usage reports is what the model ran
+        text, usage, new_finish = ask(client(url), history, message, stream=turn % 2 == 1,
+                                      max_tokens=12)
+        prefilled = usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens
+        assert calls[first_call] == prefilled  # what usage reports is what the model ran
         assert all(n == 1 for n in calls[first_call + 1:])  # then one token per forward
         history += [dict(role="user", content=message), dict(role="assistant", content=text)]
         rendered = render_chat(server.tokenizer, TEMPLATE, history)[0]
-        assert usage.prompt_tokens == len(rendered) - len(encode(text + "<e>"))  # all but the reply
+        # all but the reply itself
+        assert usage.prompt_tokens == len(rendered) - len(encode(text + "<e>"))
+        if turn:
+            # the new message and its assistant marker, plus what the cache lacks of the last
+            # reply: its last token when it ended at end_of_turn (sampled, never fed), or the
+            # end_of_turn appended when it ran out of tokens
+            lacked = 1 if finish == "stop" else len(encode("<e>"))
+            assert prefilled == len(encode(f"<u>{message}<e><a>")) + lacked
+        finish = new_finish
+    assert server.caches  # the conversation's cache is kept
 
 
 def test_a_long_conversation_drops_its_oldest_exchanges_as_sample_py_does(tmp_path):
@@ -222,9 +228,11 @@ def test_a_long_conversation_drops_its_oldest_exchanges_as_sample_py_does(tmp_pa
         assert ask(client(url), [], "hello")[0] == sample_chat(server, ["hello"], 63)[0]
 
 
-def test_eight_concurrent_clients_get_their_own_replies(tmp_path):
+def test_eight_concurrent_clients_get_their_own_replies_within_the_cache_budget(tmp_path):
     run = write_run(tmp_path / "run", model=tiny_model(block_size=256), chat_template=TEMPLATE)
-    with running(run) as (url, server):
+    with running(run, cache_mb=0.5) as (url, server):
+        # fewer kept caches than clients: conversations are evicted and rebuilt
+        assert server.capacity == 3
         conversations = [[f"{WORDS[c]} {WORDS[(c + t) % len(WORDS)]}" for t in range(5)]
                          for c in range(8)]
         expected = [sample_chat(server, messages, max_tokens=10) for messages in conversations]
@@ -249,6 +257,9 @@ def test_eight_concurrent_clients_get_their_own_replies(tmp_path):
         for thread in threads:
             thread.join(120)
         assert not errors and replies == expected
+        health = json.load(urllib.request.urlopen(url + "/health"))
+        assert 0 < health["cached_conversations"] <= 3
+        assert health["cache_mb"] <= health["cache_budget_mb"] == 0.5
 
 
 def test_a_client_that_disconnects_stops_its_reply(chat_server, monkeypatch):
@@ -431,6 +442,8 @@ def test_a_system_message_to_a_template_without_a_system_marker_is_refused_in_ap
 
 def test_settings_that_cannot_work_are_one_line_before_serving(tmp_path):
     run = write_run(tmp_path / "run", chat_template=TEMPLATE)
+    with pytest.raises(UserError, match="cannot hold one conversation, which takes 0.0 MB"):
+        serve.main([f"--out_dir={run}", "--port=0", "--cache_mb=0.00001", "--dtype=float32"])
     taken = serve.listen("127.0.0.1", 0)
     with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"):
         serve.main([f"--out_dir={run}", f"--port={taken.getsockname()[1]}"])
