@@ -1,9 +1,9 @@
 """model.py's GPT as a Hugging Face folder (AutoModelForCausalLM + AutoTokenizer, no custom code):
-classic -> GPT2LMHeadModel (Conv1D weights transposed); rope +
-rmsnorm + swiglu -> LlamaForCausalLM, with qk_norm and bias=False -> Qwen3ForCausalLM. muP is folded
-into the weights; padding rows are special tokens generate() never picks (suppress_tokens).
-Tokenizers keep our ids: char -> a BPE without merges, spaces as U+2581; sp -> Llama's plus
-tokenizer.model; tiktoken -> GPT-2's byte-level BPE. A chat template becomes a Jinja chat_template."""
+classic -> GPT2LMHeadModel (Conv1D weights transposed); rope + rmsnorm + swiglu -> LlamaForCausalLM,
+with qk_norm and bias=False -> Qwen3ForCausalLM. muP is folded into the weights; padding rows are
+special tokens generate() never picks (suppress_tokens). Tokenizers keep our ids: char -> a BPE
+without merges, spaces as U+2581; sp -> Llama's plus tokenizer.model; tiktoken -> GPT-2's
+byte-level BPE. A chat template becomes a Jinja chat_template."""
 
 import base64
 import dataclasses
