@@ -19,12 +19,12 @@ def load_model(out_dir, ckpt="ckpt.pt", device="auto", dtype="auto"):
     """(model, tokenizer, checkpoint) from a run's checkpoint, on the device, its weights stored in
     the dtype (bf16 on GPUs: half the bytes per token)."""
     path = os.path.join(out_dir, ckpt)
-    if not os.path.isfile(path) and not os.path.isfile(os.path.join(out_dir, "log.jsonl")):
-        raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir "
-                        "(and --ckpt) at a run")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(out_dir, "log.jsonl")):
         found = ", ".join(sorted(name for name in os.listdir(out_dir) if name.endswith(".pt")))
         raise UserError(f"no checkpoint at {path} (the run has {found or 'none'}): check --ckpt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir "
+                        "(and --ckpt) at a run")
     checkpoint = load_checkpoint(path, needs=("model", "model_config", "tokenizer"))
     model = build_model(checkpoint, path)
     device = pick_device(device)
@@ -171,7 +171,7 @@ class Chat:
         with contextlib.closing(steps):  # stopping early leaves the last token for the next turn
             for token in steps:
                 if token.item() == self.tokenizer.eot_id:  # ends a reply too, as eval.py and
-                    reply += self.end                       # the exports stop there
+                    reply, ended = reply + self.end, True   # the exports stop there
                     break
                 reply.append(token.item())
                 ended = reply[-len(self.end):] == self.end
@@ -181,7 +181,7 @@ class Chat:
                 shown = text
                 if ended or found:
                     break
-        self.ended = ended or found or reply[-len(self.end):] == self.end
+        self.ended = ended or found
         if not self.ended:  # out of room: a tail held back as a possible marker is text after all
             yield printable(self.tokenizer, reply)[0][len(shown):]
         self.turns.append(turn + reply + ([] if self.ended else self.end))
