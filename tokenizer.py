@@ -217,7 +217,7 @@ def load_tokenizer(spec):
 
 def same_tokens(a, b, probe_ids=4096):
     """Whether two tokenizer specs give the same ids the same text, judged on their first ids (one
-    can spell another out: a Hugging Face import writes GPT-2's BPE as ranks)."""
+    can spell another out: GPT-2's BPE by name, or as its ranks from a .tiktoken file)."""
     if a == b or a is None:  # a checkpoint without one is taken at its word
         return True
     a, b = load_tokenizer(a), load_tokenizer(b)
