@@ -4,7 +4,6 @@ and leaderboards), on a checkpoint of train.py or sft.py, with no export.
     python eval.py                                     # out/ckpt.pt on the offline Shakespeare task
     python eval.py --out_dir=out-gpt-51m --tasks=hellaswag,arc_easy,piqa,lambada_openai
     python eval.py --out_dir=out-gpt-51m --tasks=hellaswag --limit=500 --num_fewshot=5
-    python eval.py --out_dir=out-sft --chat --tasks=arc_easy  # requests in the chat template
     python eval.py --include_path=my_tasks --tasks=my_task    # a folder of tasks in lm-eval's YAML
 
 lm-eval turns each task's documents into requests; Harness answers them with model.py (scores in
@@ -19,6 +18,9 @@ with the path to eval_tasks, from anywhere:
     python export.py --out_dir=out --to=hf/my-model
     lm_eval --model hf --model_args pretrained=hf/my-model,add_bos_token=True \\
         --include_path eval_tasks --tasks shakespeare_completion
+
+With --apply_chat_template, lm_eval renders a fine-tuned model's requests in the chat template
+that export.py writes (render_chat's layout, as Jinja).
 """
 
 import dataclasses
@@ -30,7 +32,6 @@ import os
 import re
 import sys
 import time
-import types
 from dataclasses import dataclass
 
 import configurator  # first: Ctrl-C during the imports is one line
@@ -41,7 +42,6 @@ from data import offline_unless_hub_reachable
 from engine import load_model, printable
 from files import write_atomically
 from runtime import use_threads
-from tokenizer import EOT_TEXT, marker_ids, render_chat, sampleable_vocab_size
 
 try:
     from lm_eval.api.model import LM
@@ -60,7 +60,6 @@ class EvalConfig:
     limit: int = 0                # at most this many documents per task; 0 = all
     num_fewshot: int = -1         # examples before each question; -1 = each task's own default
     batch_size: int = 32          # requests per forward pass
-    chat: bool = False            # render requests in the checkpoint's chat template (sft.py's)
     bos: bool = True              # end-of-text first, as in training; False as lm-eval does GPT-2
     seed: int = 1234              # lm-eval's default: few-shot examples, sampled generations
     device: str = "auto"          # "auto" picks cuda, then mps, then cpu
@@ -68,54 +67,25 @@ class EvalConfig:
     threads: int = 0              # CPU threads; 0 = torch's default
 
 
-# a stand-in tokenizer whose ids are pieces of text: render_chat (the chat template's one home)
-# lays a conversation out with it as the text that lm-eval passes around, each marker as text
-TEXT_PIECES = types.SimpleNamespace(eot_id=EOT_TEXT, encode=lambda text: [text])
-
-
 class Harness(LM):
     """model.py's GPT as an lm-eval model, which answers lists of a task's requests."""
 
-    def __init__(self, model, tokenizer, cfg, template=None):
+    def __init__(self, model, tokenizer, cfg):
         super().__init__()
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.block, self.on = model.config.block_size, model.lm_head.weight.device
         self.generator = torch.Generator(self.on).manual_seed(cfg.seed)
-        self.ends, self.vocab_size, self.sentinels = [[tokenizer.eot_id]], tokenizer.vocab_size, {}
-        if template:  # chat: the text that stands for each marker in a rendered request, its ids
-            self.ends.append(marker_ids(tokenizer, template["end_of_turn"]))
-            self.vocab_size = sampleable_vocab_size(tokenizer, template)
-            self.text_template = {role: [m if isinstance(m, str) else f"<|{role}|>"]
-                                  for role, m in template.items()}
-            self.sentinels = {EOT_TEXT: [tokenizer.eot_id]} | {self.text_template[role][0]:
-                              marker_ids(tokenizer, m) for role, m in template.items()}
-            longest_first = sorted(self.sentinels, key=len, reverse=True)
-            self.sentinel_pattern = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
-
-    @property
-    def tokenizer_name(self):  # names the rendering in lm-eval's request cache
-        return f"{self.cfg.out_dir}/{self.cfg.ckpt} chat template"
 
     def tok_encode(self, text, add_special_tokens=True):
         """The ids of a request's text, after end-of-text unless add_special_tokens=False or
-        --bos=False. With a chat template, each sentinel becomes its marker's ids and the other
-        pieces are encoded apart, as render_chat does."""
-        pieces = self.sentinel_pattern.split(text) if self.sentinels else [text]
+        --bos=False."""
         try:
-            ids = [i for p in pieces for i in self.sentinels.get(p) or self.tokenizer.encode(p)]
+            ids = self.tokenizer.encode(text)
         except UserError as e:
             raise UserError(f"a request holds text that this checkpoint's tokenizer cannot encode: "
                             f"{e}") from e
         eot = self.tokenizer.eot_id
         return [eot] * (self.cfg.bos and add_special_tokens and ids[:1] != [eot]) + ids
-
-    def apply_chat_template(self, chat_history, add_generation_prompt=True):
-        """A conversation as render_chat lays it out, then the assistant marker that a reply
-        follows; without it, lm-eval continues the last (assistant) message, left open."""
-        text = "".join(render_chat(TEXT_PIECES, self.text_template, chat_history)[0])
-        if add_generation_prompt:
-            return text + self.text_template["assistant"][0]
-        return text.removesuffix(self.text_template["end_of_turn"][0])
 
     def loglikelihood(self, requests, disable_tqdm=False):
         """(log p(continuation | context), whether greedy decoding gives it) of each request, split
@@ -153,7 +123,7 @@ class Harness(LM):
             inputs, targets = inputs.to(self.on), targets.to(self.on)
             # with targets, forward returns the logits of every position (its loss goes unused);
             # probabilities over the ids the model can write, as generation and exports have them
-            logits = self.model(inputs, targets)[0][..., :self.vocab_size]
+            logits = self.model(inputs, targets)[0][..., :self.tokenizer.vocab_size]
             rows = []
             for row, (window, (_, continuation)) in enumerate(zip(windows, batch)):
                 span = slice(len(window) - 1 - len(continuation), len(window) - 1)
@@ -180,8 +150,8 @@ class Harness(LM):
 
     def generate_until(self, requests, disable_tqdm=False):
         """Each continuation, greedy unless the task samples, up to its first stop sequence,
-        end-of-text (or end_of_turn) or max_gen_toks, one at a time (rows of different lengths need
-        a padding mask that model.py does not take). A long context keeps its last tokens."""
+        end-of-text or max_gen_toks, one at a time (rows of different lengths need a padding mask
+        that model.py does not take). A long context keeps its last tokens."""
         from lm_eval.models.utils import normalize_gen_kwargs
         from tqdm import tqdm
         answers = []
@@ -194,13 +164,11 @@ class Harness(LM):
             tokens = self.model.generate(torch.tensor([ids], device=self.on), steps,
                                          kwargs["temperature"], kwargs.get("top_k") or 0,
                                          kwargs.get("top_p") or 1.0, self.generator,
-                                         vocab_size=self.vocab_size)
+                                         vocab_size=self.tokenizer.vocab_size)
             for token in tokens:
-                new.append(token.item())
-                end = next((end for end in self.ends if new[-len(end):] == end), None)
-                if end:
-                    del new[-len(end):]
+                if token.item() == self.tokenizer.eot_id:
                     break
+                new.append(token.item())
                 if any(s in printable(self.tokenizer, new)[0] for s in until):
                     break
             text = printable(self.tokenizer, new)[0]
@@ -243,21 +211,17 @@ def main(argv, out=sys.stdout):
     use_threads(cfg.threads)
     manager = task_manager(tasks, cfg.include_path)
     # the weights in one dtype (runtime.pick_dtype's), no autocast, as lm-eval's hf backend runs
-    model, tokenizer, checkpoint = load_model(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
+    model, tokenizer, _ = load_model(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
     if not os.access(cfg.out_dir, os.W_OK):
         raise UserError(f"{cfg.out_dir} is not writable, so the results could not be saved there")
-    template = checkpoint.get("chat_template")
-    if cfg.chat and not template:
-        raise UserError(f"{cfg.ckpt} in {cfg.out_dir} has no chat template: fine-tune it with "
-                        "sft.py, or drop --chat")
-    harness = Harness(model, tokenizer, cfg, template if cfg.chat else None)
+    harness = Harness(model, tokenizer, cfg)
     from lm_eval import simple_evaluate
     # a task built by a function (as ours is) makes lm-eval suggest its own CLI's --metadata
     logging.getLogger("lm_eval.api.task").addFilter(lambda r: "Custom kwargs" not in r.getMessage())
     start = time.perf_counter()
     try:
         results = simple_evaluate(model=harness, tasks=tasks, task_manager=manager,
-                                  limit=cfg.limit or None, apply_chat_template=cfg.chat,
+                                  limit=cfg.limit or None,
                                   num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot,
                                   batch_size=cfg.batch_size, log_samples=False,
                                   random_seed=cfg.seed, numpy_random_seed=cfg.seed,
@@ -278,7 +242,7 @@ def report(results, tasks, cfg, seconds, out):
     items = sum(n["effective"] for n in results["n-samples"].values())
     results["config"].update(model=os.path.join(cfg.out_dir, cfg.ckpt),
                              eval_config=dataclasses.asdict(cfg))
-    path = os.path.join(cfg.out_dir, f"eval_{'+'.join(tasks)}{'_chat' if cfg.chat else ''}.json")
+    path = os.path.join(cfg.out_dir, f"eval_{'+'.join(tasks)}.json")
     write_atomically(path, json.dumps(results, indent=2, default=handle_non_serializable))
     out.write(make_table(results) + "\n")
     if results.get("groups"):

@@ -1,8 +1,8 @@
 """eval.py on tiny random models: the adapter's log-likelihoods equal model.py's own (fp32), its
 greedy generations sample.py's text, the offline task scores the same through the adapter as through
 lm-eval's own hf backend on the export.py folder of the same model, and through lm-eval's console
-script from another folder; chat requests encode as tokenizer.py renders them; accuracies are
-printed with their standard errors; each bad input is one line. CPU only, no network."""
+script from another folder; accuracies are printed with their standard errors; each bad input is
+one line. CPU only, no network."""
 
 import dataclasses
 import io
@@ -28,7 +28,6 @@ import sample  # noqa: E402
 from checkpoint import CHECKPOINT_VERSION  # noqa: E402
 from configurator import UserError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import marker_ids, render_chat  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = "\n !'(),-.:;?[]" + string.ascii_letters  # every character of the offline task's items
@@ -42,23 +41,21 @@ def quiet(monkeypatch, one_thread):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def write_run(out_dir, chars=CHARS, chat_template=None, **arch):
+def write_run(out_dir, chars=CHARS, **arch):
     """A run directory whose checkpoint holds random weights (norms and biases too)."""
     model = random_gpt(**{**TINY, **arch})
     os.makedirs(out_dir, exist_ok=True)
-    extra = dict(chat_template=chat_template) if chat_template else {}
     torch.save(dict(version=CHECKPOINT_VERSION, model=model.state_dict(), config={},
                     model_config=dataclasses.asdict(model.config), state=dict(step=0),
-                    tokenizer={"kind": "char", "chars": chars}, **extra),
+                    tokenizer={"kind": "char", "chars": chars}),
                os.path.join(out_dir, "ckpt.pt"))
     return str(out_dir)
 
 
 def harness_of(run, **settings):
     cfg = eval.EvalConfig(out_dir=run, dtype="float32", **settings)
-    model, tokenizer, checkpoint = engine.load_model(run, dtype="float32")
-    template = checkpoint.get("chat_template") if cfg.chat else None
-    return eval.Harness(model, tokenizer, cfg, template)
+    model, tokenizer, _ = engine.load_model(run, dtype="float32")
+    return eval.Harness(model, tokenizer, cfg)
 
 
 def export(run, to):
@@ -116,7 +113,7 @@ def test_loglikelihoods_equal_a_direct_computation_with_model_py(tmp_path):
         # --bos: end-of-text first, as training documents start
         ids = [eot] + encode(context) + encode(continuation)
         expected, expected_greedy = direct_logprob(harness.model, ids, len(encode(continuation)),
-                                                    harness.vocab_size)
+                                                    harness.tokenizer.vocab_size)
         assert logprob == pytest.approx(expected, abs=1e-5) and greedy == expected_greedy
     assert len(encode(pairs[2][0])) > BLOCK  # that context was cut on the left
 
@@ -132,7 +129,7 @@ def test_rolling_loglikelihood_is_every_token_once_with_the_most_context_that_fi
         # tokens 1.. of ids in chunks of block_size, each predicted by the block that ends with it
         chunks = ((s, min(s + BLOCK, len(ids) - 1)) for s in range(0, len(ids) - 1, BLOCK))
         expected = sum(direct_logprob(harness.model, ids[:end + 1], end - start,
-                                      harness.vocab_size)[0] for start, end in chunks)
+                                      harness.tokenizer.vocab_size)[0] for start, end in chunks)
         assert total == pytest.approx(expected, abs=1e-4)
     assert len(texts[1]) > 3 * BLOCK
 
@@ -229,42 +226,11 @@ def test_every_eval_py_command_in_its_docstring_takes_its_settings():
     import configurator
     commands = [line.split("#")[0].split()[2:] for line in eval.__doc__.splitlines()
                 if line.strip().startswith("python eval.py")]
-    assert len(commands) == 5
+    assert len(commands) == 4
     for argv in commands:
         cfg = configurator.build(eval.EvalConfig, configurator.parse(argv, eval.EvalConfig))
         assert all(f"--{k}" in " ".join(argv) or v == getattr(eval.EvalConfig, k)
                    for k, v in dataclasses.asdict(cfg).items())
-
-
-# ----------------------------------------------------------------------------- chat
-
-@pytest.mark.parametrize("template", [
-    # special ids in the embedding's padding rows
-    dict(user=[90], assistant=[91], end_of_turn=[92], system=[93]),
-    dict(user="User: ", assistant="Bot: ", end_of_turn="\n\n"),  # text markers
-])
-def test_chat_requests_encode_as_render_chat_lays_them_out(tmp_path, template):
-    run = write_run(tmp_path / "run", chat_template=template)
-    harness = harness_of(run, chat=True)
-    messages = [dict(role="user", content="What follows?"),
-                dict(role="assistant", content="This."), dict(role="user", content="And then?")]
-    if "system" in template:
-        messages.insert(0, dict(role="system", content="Be brief."))
-    tokenizer = harness.tokenizer
-    assistant, end = (marker_ids(tokenizer, template[k]) for k in ("assistant", "end_of_turn"))
-    ids = render_chat(tokenizer, template, messages)[0] + assistant
-    assert harness.tok_encode(harness.apply_chat_template(messages)) == ids
-    # without the generation prompt, the last (assistant) message is continued, not closed
-    opened = messages + [dict(role="assistant", content="Perhaps")]
-    ids = render_chat(tokenizer, template, opened)[0][:-len(end)]
-    rendered = harness.apply_chat_template(opened, add_generation_prompt=False)
-    assert harness.tok_encode(rendered) == ids
-    tasks = local_task(tmp_path / "tasks",
-                       [dict(context="Which?", choices=[" This.", " That."], answer=0)] * 3)
-    results = eval.main([f"--out_dir={run}", "--chat", f"--include_path={tasks}",
-                         "--tasks=tiny_choice", "--dtype=float32"], out=io.StringIO())
-    assert results["n-samples"]["tiny_choice"]["effective"] == 3
-    assert os.path.isfile(os.path.join(run, "eval_tiny_choice_chat.json"))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -276,8 +242,6 @@ def test_bad_inputs_are_one_line_each(tmp_path):
         eval.main([f"--out_dir={run}", "--tasks=shakespeare_complet"])
     with pytest.raises(UserError, match="no checkpoint at"):
         eval.main([f"--out_dir={tmp_path / 'nothing'}"])
-    with pytest.raises(UserError, match="no chat template: fine-tune it with sft.py"):
-        eval.main([f"--out_dir={run}", "--chat", "--dtype=float32"])
     tasks = local_task(tmp_path / "tasks",
                        [dict(context="which", choices=[" This", " that"], answer=0)])
     with pytest.raises(UserError, match="cannot encode: 1 characters not in the char vocabulary: "
