@@ -27,7 +27,6 @@ import eval  # noqa: E402
 import sample  # noqa: E402
 from checkpoint import CHECKPOINT_VERSION  # noqa: E402
 from configurator import UserError  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = "\n !'(),-.:;?[]" + string.ascii_letters  # every character of the offline task's items
