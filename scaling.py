@@ -2,7 +2,7 @@
 
     python scaling.py fit tests/data/chinchilla_svg_extracted_data.csv --drop_highest=5
     python scaling.py sweep                   # tiny isoFLOP sweep: out-sweep/report.md, law.json
-    python scaling.py isoflop out-sweep/*/    # Approach 2 on run directories (or CSV files)
+    python scaling.py fit out-sweep/*/        # on run directories; Approach 2 too, on profiles
     python scaling.py table [--law=approach1|chinchilla|epoch|out-sweep/law.json]
     python scaling.py plan --gpu=H100 --hours=24 --law=epoch   # writes out-scaling/plan.py
 
@@ -27,7 +27,7 @@ import report
 from configurator import ROOT, UserError
 from files import die_with_parent, locked_folder, read_log, write_atomically
 
-OUT = "out-scaling"  # default home of plan.py and isoflop.png: ignored by git, like every out*/
+OUT = "out-scaling"  # default home of plan.py: ignored by git, like every out*/
 # Approach 3 laws L(N, D) = E + A / N^alpha + B / D^beta, in nats per token on MassiveText:
 # Hoffmann et al. 2022, eq. (10), and Besiroglu et al. 2024's refit
 LAWS = dict(chinchilla=dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28),
@@ -48,12 +48,12 @@ COLUMNS = {"n": "N", "d": "D", "c": "C", "loss": "loss", "budget": "budget", "mo
 @dataclass
 class ScalingConfig:
     json: bool = False          # print one JSON object instead of text
-    # fit / isoflop: CSV files (N, D or FLOPs, loss) or train.py run directories, as arguments
+    # fit: CSV files (N, D or FLOPs, loss) or train.py run directories, as arguments
     drop_highest: int = 0       # drop the highest losses first (Besiroglu et al. drop 5)
     huber_delta: float = 1e-3   # Hoffmann et al. 2022, section 3.3
     bootstrap: int = 100        # resamples for 95% intervals; 0 = off
     law_out: str = ""           # fit: write the law as JSON here, for `table --law=`
-    plot: str = ""              # isoflop's PNG (default out-scaling/, sweep: sweep_dir/isoflop.png)
+    plot: str = ""              # sweep's isoFLOP figure; default sweep_dir/isoflop.png
     law: str = "approach1"      # table, plan: approach1 | chinchilla | epoch | a JSON law file
     sizes: list = field(default_factory=lambda: [row[0] for row in APPROACH1_TABLE])
     # plan: GPUs x hours (or dollars at a price) at --mfu -> a config file for train.py
@@ -268,12 +268,6 @@ def isoflop_fit(points):
     return dict(budgets=budgets, power_laws=laws, budgets_used=len(used))
 
 
-def output_path(path, key):
-    if path.startswith(OUT + "/"):
-        os.makedirs(OUT, exist_ok=True)
-    return configurator.check_writable(path, key)
-
-
 def checked(fit, iso):
     """The fit's text and warnings, one more when Approach 2's and 3's exponents of N_opt from the
     same runs disagree beyond their 95% intervals (one of them must have one)."""
@@ -300,22 +294,15 @@ def cmd_fit(cfg, paths):
         configurator.check_writable(cfg.law_out, "law_out")
     points = load_points(paths, cfg.drop_highest)
     result = fit_law(points, cfg.huber_delta, cfg.bootstrap)
-    try:  # the same runs' isoFLOP exponent, where they form profiles, to check the fit's against
-        iso = isoflop_fit(points)
+    try:  # Approach 2 where the points form isoFLOP profiles, to check the fit's exponent against
+        iso = result["isoflop"] = isoflop_fit(points)
     except UserError:
         iso = None
     lines, result["warnings"] = checked(result, iso)
     if cfg.law_out:
         write_atomically(cfg.law_out, json.dumps(result["law"], indent=1))
+    lines = (report.isoflop_lines(iso) if iso else []) + lines
     print(json.dumps(result, indent=1) if cfg.json else "\n".join(lines))
-
-
-def cmd_isoflop(cfg, paths):
-    plot = output_path(cfg.plot or f"{OUT}/isoflop.png", "plot")
-    result = dict(isoflop_fit(load_points(paths, cfg.drop_highest)), plot=plot)
-    report.draw_isoflop(result, plot)
-    print(json.dumps(result, indent=1) if cfg.json
-          else "\n".join(report.isoflop_lines(result) + [plot]))
 
 
 def resolve_law(name):
@@ -360,7 +347,8 @@ def cmd_sweep(cfg, argv):
     """Every budget x shape as a train.py run stopped by --max_flops, `jobs` at a time, then one
     report in sweep_dir. Finished runs are kept: rerunning resumes the sweep."""
     os.makedirs(cfg.sweep_dir, exist_ok=True)
-    plot = output_path(cfg.plot or os.path.join(cfg.sweep_dir, "isoflop.png"), "plot")
+    plot = configurator.check_writable(cfg.plot or os.path.join(cfg.sweep_dir, "isoflop.png"),
+                                       "plot")
     out = sys.stderr if cfg.json else sys.stdout  # with --json, stdout holds the JSON alone
     own = set(ScalingConfig.__dataclass_fields__)  # the other keys go to prepare.py and train.py
     passthrough = [a for a in argv if a.endswith(".py") or a[2:].split("=")[0] not in own]
@@ -435,7 +423,9 @@ def cmd_plan(cfg, argv):
     from model import GPTConfig
     from recipe import planned_run
     from train import TrainConfig
-    output_path(cfg.plan_out, "plan_out")
+    if cfg.plan_out.startswith(OUT + "/"):
+        os.makedirs(OUT, exist_ok=True)
+    configurator.check_writable(cfg.plan_out, "plan_out")
     hours = cfg.hours or (cfg.dollars / cfg.price_per_gpu_hour / cfg.gpus
                           if cfg.price_per_gpu_hour else 0)
     if not hours:
@@ -481,7 +471,7 @@ def cmd_plan(cfg, argv):
     print(json.dumps(result, indent=1) if cfg.json else f"{summary}\nwrote {cfg.plan_out}")
 
 
-COMMANDS = dict(fit=cmd_fit, isoflop=cmd_isoflop, sweep=cmd_sweep, table=cmd_table, plan=cmd_plan)
+COMMANDS = dict(fit=cmd_fit, sweep=cmd_sweep, table=cmd_table, plan=cmd_plan)
 
 
 def main(argv):
@@ -490,10 +480,10 @@ def main(argv):
                         "of scaling.py)")
     paths = [a for a in argv[1:] if not a.startswith("--") and not a.endswith(".py")]
     options = [a for a in argv[1:] if a not in paths]
-    if paths and argv[0] not in ("fit", "isoflop"):
+    if paths and argv[0] != "fit":
         raise UserError(f"{argv[0]} takes no input files, got {paths[0]!r}; set --key=value")
     cfg = configurator.build(ScalingConfig, configurator.parse(options, ScalingConfig))
-    COMMANDS[argv[0]](cfg, paths if argv[0] in ("fit", "isoflop") else options)
+    COMMANDS[argv[0]](cfg, paths if argv[0] == "fit" else options)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_table_from_a_law_is_compute_optimal(capsys):
             assert scaling.predicted_loss(law, n, c / (6 * n)) > row["loss"]
 
 
-def test_isoflop_recovers_the_exponent_of_a_known_law(tmp_path, capsys):
+def test_fit_s_isoflop_profiles_recover_the_exponent_of_a_known_law(tmp_path, capsys):
     law = dict(E=1.7, A=400.0, B=1200.0, alpha=0.34, beta=0.30)
     n, d, budget = [], [], []
     for c in (1e18, 1e19, 1e20, 1e21):
@@ -108,11 +108,12 @@ def test_isoflop_recovers_the_exponent_of_a_known_law(tmp_path, capsys):
     n, d = np.array(n), np.array(d)
     path = write_csv(tmp_path / "iso.csv",
                      {"N": n, "D": d, "loss": scaling.predicted_loss(law, n, d), "budget": budget})
-    result = run_json(["isoflop", path, f"--plot={tmp_path / 'iso.png'}"], capsys)
+    result = run_json(["fit", path, "--bootstrap=0"], capsys)["isoflop"]
     assert result["budgets_used"] == 4
     a_opt = law["beta"] / (law["alpha"] + law["beta"])
     assert result["power_laws"]["N"]["exponent"] == pytest.approx(a_opt, abs=0.01)
-    assert os.path.getsize(tmp_path / "iso.png") > 10_000
+    scaling.main(["fit", path, "--bootstrap=0"])
+    assert f"N_opt = {result['power_laws']['N']['coefficient']:.3g} * C^" in capsys.readouterr().out
 
 
 def test_sweep_micro_grid_end_to_end(tmp_path):
