@@ -68,17 +68,6 @@ def meta_problem(meta):
     return None
 
 
-def open_dataset(dataset):
-    """(meta, tokenizer) of data/<dataset>, refused if the two disagree on the vocabulary."""
-    meta = load_meta(os.path.join("data", dataset))
-    tokenizer = load_tokenizer(meta["tokenizer"])
-    if tokenizer.vocab_size != meta["vocab_size"]:
-        raise UserError(f"data/{dataset}/meta.json says vocab_size {meta['vocab_size']} but its "
-                        f"tokenizer has {tokenizer.vocab_size} tokens: it was edited or mixed up; "
-                        "prepare it again with --force")
-    return meta, tokenizer
-
-
 def dataset_vocab(dataset):
     """The vocabulary of data/<dataset> and where it came from, or GPT-2's when it is not prepared
     here: planning and benchmarks need a model's shape, not its data."""
@@ -101,8 +90,7 @@ def offline_unless_hub_reachable(name):
         socket.create_connection(("huggingface.co", 443), timeout=3).close()
     except OSError:
         print("huggingface.co cannot be reached: only datasets already in the local cache will "
-              "load",
-              file=sys.stderr)
+              "load", file=sys.stderr)
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
@@ -153,8 +141,13 @@ class TokenData:
 
     def __init__(self, dataset):
         self.dir = os.path.join("data", dataset)
-        self.meta, self.tokenizer = open_dataset(dataset)
+        self.meta = load_meta(self.dir)
+        self.tokenizer = load_tokenizer(self.meta["tokenizer"])
         self.vocab_size = self.meta["vocab_size"]
+        if self.tokenizer.vocab_size != self.vocab_size:
+            raise UserError(f"{self.dir}/meta.json says vocab_size {self.vocab_size} but its "
+                            f"tokenizer has {self.tokenizer.vocab_size} tokens: it was edited or "
+                            "mixed up; prepare it again with --force")
         self.bytes_per_val_token = self.meta["val_bytes"] / self.meta["val_tokens"]
         # samples start a new document, as generation does, and draw from the tokenizer's ids only
         self.sample_prompt, self.sample_stop_tokens = [self.meta["eot_id"]], ()

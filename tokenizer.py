@@ -4,7 +4,6 @@
     {"kind": "sp", "model": "<base64 proto>"}     SentencePiece, byte fallback; EOT = its eos
     {"kind": "tiktoken", "name": "gpt2"}          tiktoken's registry (downloads at first use)
     {"kind": "tiktoken", "ranks": "<text>"}       BPE ranks embedded, GPT-2's split pattern
-    {"kind": "tiktoken", "ranks_file": "x.tiktoken"}  the same, read from a file
 
 Any spec may add "pretokenize": "module:function", a hook that cuts text into pieces no token may
 cross (Korean morphemes: tokenizer:mecab_morphemes); each piece is
@@ -62,15 +61,6 @@ def load_hook(name):
 # article built its SentencePiece vocabulary over MeCab's morphemes, so that pieces follow the
 # grammar.
 
-def cut_inside_words(text, starts):
-    """`text` cut at the morpheme starts (increasing character offsets) that fall inside a word. A
-    word's first morpheme needs no cut: SentencePiece and GPT-2's pattern already split before a
-    space."""
-    inside = [s for s in starts if 0 < s < len(text) and not text[s - 1].isspace()]
-    cuts = [0] + inside + [len(text)]
-    return [text[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
-
-
 @functools.cache  # one analyser per process: each encoding worker loads its own
 def mecab():
     try:
@@ -83,18 +73,20 @@ def mecab():
 
 def mecab_morphemes(text):
     """Korean text cut inside words at MeCab's morpheme boundaries (mecab-ko). MeCab's morphemes are
-    substrings of the line, in order, with only whitespace skipped between them."""
+    substrings of the line, in order, with only whitespace skipped between them. A word's first
+    morpheme needs no cut: SentencePiece and GPT-2's pattern already split before a space."""
     pieces = []
     for line in text.splitlines(keepends=True):  # a lattice per line keeps MeCab's memory small
-        starts, position, node = [], 0, mecab().parseToNode(line)
+        cuts, position, node = [0], 0, mecab().parseToNode(line)
         while node:
             # BOS and EOS have no surface
             found = line.find(node.surface, position) if node.surface else -1
             if found >= 0:
-                starts.append(found)
+                if found > 0 and not line[found - 1].isspace():  # inside a word
+                    cuts.append(found)
                 position = found + len(node.surface)
             node = node.next
-        pieces += cut_inside_words(line, starts)
+        pieces += [line[a:b] for a, b in zip(cuts, cuts[1:] + [len(line)])]
     return pieces
 
 
@@ -104,8 +96,7 @@ class CharTokenizer:
         self.vocab_size, self.eot_id = len(self.chars) + 1, len(self.chars)
         # characters never merge: only a hook that transforms the text changes the ids
         self.pretokenize = load_hook(spec.get("pretokenize"))
-        # encoding is a vectorised binary search over the sorted code points: ~100x a Python dict
-        # loop
+        # encoding is a vectorised binary search over the sorted code points: ~100x a dict loop
         codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         self.order = np.argsort(codepoints)
         self.sorted = codepoints[self.order]
@@ -161,7 +152,6 @@ def read_ranks(text, name):
 class TiktokenTokenizer:
     def __init__(self, spec):
         import tiktoken
-        import tiktoken.load
         self.spec = spec
         if "name" in spec:
             try:
@@ -173,15 +163,8 @@ class TiktokenTokenizer:
                                 f" {e}); tiktoken downloads it at first use, so connect once or "
                                 "pass a local ranks file (--tokenizer=file.tiktoken)") from e
         else:
-            name = spec.get("ranks_file", "the BPE ranks")
-            if "ranks" in spec:
-                ranks = read_ranks(spec["ranks"], name)
-            else:
-                try:
-                    ranks = tiktoken.load.load_tiktoken_bpe(spec["ranks_file"])
-                except (OSError, ValueError) as e:
-                    raise UserError("could not read the BPE ranks file "
-                                    f"{spec['ranks_file']}: {e}") from e
+            name = spec.get("ranks_file", "the BPE ranks")  # the file they came from, for messages
+            ranks = read_ranks(spec["ranks"], name)
             # tiktoken panics, in Rust, on text with a byte that has no rank of its own
             missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
             if missing:
