@@ -65,8 +65,8 @@ def articles(text):
 
 
 @pytest.mark.parametrize("hook", HOOKS)
-def test_both_analysers_cut_inside_words_and_decoding_gives_the_text_back(workdir, constitution, hook):
-    text = constitution[:4000]  # Kiwi is slow: about 50 KB/s (RESULTS.md)
+def test_mecab_cuts_inside_words_and_decoding_gives_the_text_back(workdir, constitution, hook):
+    text = constitution[:4000]
     pieces = load_hook(hook)(text)
     assert "".join(pieces) == text and len(pieces) > 1000
     assert "|".join(load_hook(hook)("대통령은 이번 행사를 통해")) == "대통령|은 이번 행사|를 통해"  # the article's
