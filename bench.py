@@ -92,11 +92,6 @@ def speedrun_row(cfg):
     return dict(seconds=mid, val_loss=losses, ratio=ratio)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def generation_row(cfg):
     """model.generate against transformers' generate, the same weights, alternated."""
     try:
@@ -136,12 +131,13 @@ def generation_row(cfg):
     print(f"generation: {config.n_layer} x {config.n_embd}, context {config.block_size}, "
           f"vocabulary {config.vocab_size}, {new_tokens} tokens, batch 1, {device.type}, "
           f"{torch.get_num_threads()} threads")
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for round_ in range(1, cfg.rounds + 1):
         for side, generate in sides.items():
-            synchronize(device)
+            synchronize()
             start = time.perf_counter()
             n = generate(new_tokens)
-            synchronize(device)
+            synchronize()
             rates[side].append(n / (time.perf_counter() - start))
             print(f"  round {round_} {side:<13} {rates[side][-1]:10.1f} tokens/s", flush=True)
     mid = medians(rates)

@@ -20,7 +20,6 @@ from files import replace_atomically, write_atomically
 from model import GPT, GPTConfig
 
 CHECKPOINT_VERSION = 1
-RESUMABLE = ("optimizers", "state", "rng", "config", "model_config")
 
 
 def save_checkpoint(path, checkpoint):
@@ -111,8 +110,8 @@ def load_resumed(cfg, data_fields, say):
     """out_dir/ckpt.pt, once it is known to be this run's, of this data, and resumable by this
     command."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    resumed = load_checkpoint(path)
-    if not all(key in resumed for key in RESUMABLE):
+    resumed = load_checkpoint(path)  # with its model and model_config
+    if not all(key in resumed for key in ("optimizers", "state", "rng", "config")):
         raise UserError(f"{path} holds weights to start from, not a run to resume: use --init_from")
     if "sft" in resumed and "sft" not in data_fields:
         raise UserError(f"{path} is a fine-tuning run: resume it with python sft.py --resume")

@@ -142,10 +142,9 @@ def export(cfg):
     with locked_parents([p for p in (cfg.to, cfg.to_gguf) if p]):
         check_destinations(cfg)
         template = checkpoint.get("chat_template") or {}
-        hf = hf_tok = None
         if cfg.to:
             with staging(cfg.to) as folder:
-                hf, hf_tok, notes = save_hf(model, tok, template, folder)
+                hf, notes = save_hf(model, tok, template, folder)
                 old = temp_path(os.path.abspath(cfg.to) + ".old")  # removed by the next if killed
                 if os.path.isdir(cfg.to):
                     os.rename(cfg.to, old)
@@ -159,7 +158,7 @@ def export(cfg):
             with staging(cfg.to_gguf) as folder:
                 source = cfg.to or os.path.join(folder, "hf")
                 if not cfg.to:
-                    hf, hf_tok, _ = save_hf(model, tok, template, source)
+                    save_hf(model, tok, template, source)
                 gguf = os.path.join(folder, "model.gguf")  # llama.cpp's converter, as it is
                 done = subprocess.run([sys.executable, script, source, "--outfile", gguf,
                                        "--outtype", cfg.gguf_type], capture_output=True,
@@ -170,14 +169,13 @@ def export(cfg):
                                     f"{said[-1] if said else f'exit code {done.returncode}'}")
                 os.replace(gguf, cfg.to_gguf)
             print(f"wrote {cfg.to_gguf} ({arch}, {cfg.gguf_type}): llama-cli -m {cfg.to_gguf}")
-    return hf, hf_tok
 
 
 def main(argv):
     cfg = configurator.build(ExportConfig, configurator.parse(argv, ExportConfig))
     if not (cfg.to or cfg.to_gguf):
         raise UserError("give --to=<folder> and/or --to_gguf=<file> to export out_dir's checkpoint")
-    return export(cfg)
+    export(cfg)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def hf_tokenizer(tok):
 
 
 def save_hf(model, tok, template, folder):
-    """A GPT, its tokenizer and chat template ({} for none) as a folder: (hf, hf_tok, notes)."""
+    """A GPT, its tokenizer and chat template ({} for none) as a folder: (hf, notes)."""
     from tokenizers import AddedToken
     from transformers import GenerationConfig
     c, kind = model.config, tok.spec["kind"]
@@ -227,4 +227,4 @@ def save_hf(model, tok, template, folder):
     if kind == "sp":
         with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
             f.write(base64.b64decode(tok.spec["model"]))
-    return hf, hf_tok, notes
+    return hf, notes

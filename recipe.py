@@ -12,7 +12,7 @@ import torch
 
 import configurator
 from configurator import UserError
-from model import GPTConfig, PRESETS, is_hidden_matrix
+from model import GPT, GPTConfig, PRESETS, is_hidden_matrix
 from tokenizer import same_tokens
 
 # With no config file, train.py trains this small model on the Shakespeare default. Config files
@@ -145,8 +145,6 @@ def orthogonalise(grad, dtype, eps=1e-7):
 def planned_run(cfg, overrides, vocab_size, flops, n_opt, block_size, gpus):
     """scaling.py plan's run of `flops` near n_opt parameters: its shape, tokens, steps and the
     settings of its config file (batch, learning rate, warmup, the FLOPs that stop it)."""
-    from model import GPT
-
     def shaped(depth):  # nanochat's single dial: width 64 x depth, with 64-wide heads
         shape = dict(n_layer=depth, n_embd=64 * depth, n_head=depth, block_size=block_size)
         with torch.device("meta"):

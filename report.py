@@ -107,8 +107,7 @@ def summarize(log):
     summary["median_tok_per_sec"] = statistics.median(speeds) if speeds else None
     summary["median_mfu"] = statistics.median(mfus) if mfus else None
     if evals:
-        best = min(evals, key=lambda r: r["val_loss"])
-        summary.update(final=evals[-1], best=best)
+        summary.update(final=evals[-1], best=min(evals, key=lambda r: r["val_loss"]))
     if summary["tokens"] and summary["flops"]:
         summary["flops_per_token"] = summary["flops"] / summary["tokens"]
     return summary
@@ -195,12 +194,11 @@ def draw_panels(path, xlabel, ylabel, lines):
         panel.set(xscale="log", yscale="log", xlabel=xlabel, title=name)
     panels[0].set_ylabel(ylabel)
     panels[1].legend(fontsize=8)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save(fig, path, dpi=120)
 
 
 def isoflop_lines(result):
-    """scaling.py isoflop's result in words: each budget's least, then N_opt against C."""
+    """scaling.isoflop_fit's result in words: each budget's least, then N_opt against C."""
     lines = [f"C = {b['C']:.2e}: {b['runs']} runs, " + (
         f"N_opt = {b['N_opt']:.3g}, loss {b['loss_opt']:.4f}" if b["N_opt"] else "no minimum")
         + ("" if b["N_inside"] else " (outside the sizes: not used)") for b in result["budgets"]]
@@ -278,13 +276,9 @@ def markdown(out_dir, summary, info, plot, samples):
             ("MFU", "n/a (no known peak)" if summary["median_mfu"] is None else
              f"{100 * summary['median_mfu']:.1f}% median"),
             ("last training loss", fmt(summary["train_loss"], ".4f"))]
-    for key, label in (("final", "final"), ("best", "best")):
-        if key in summary:
-            r = summary[key]
-            rows.append((f"{label} validation", f"loss {r['val_loss']:.4f}, "
-                         f"{r['val_bpb']:.4f} bits/byte (step {r['step']})"))
-    if "best" not in summary:
-        rows.append(("validation", "no evaluation yet"))
+    evaluated = [(f"{key} validation", f"loss {r['val_loss']:.4f}, {r['val_bpb']:.4f} bits/byte "
+                  f"(step {r['step']})") for key, r in summary.items() if key in ("final", "best")]
+    rows += evaluated or [("validation", "no evaluation yet")]
     rows += [("machine", f"torch {info.get('torch', '?')}, {info.get('device', '?')}, "
                          f"{info.get('threads', '?')} threads, {info.get('dtype', '?')}"),
              ("settings", f"optimizer {train.get('optimizer', '?')}, "
@@ -293,8 +287,7 @@ def markdown(out_dir, summary, info, plot, samples):
     lines += [f"| {k} | {v} |" for k, v in rows]
     if samples:
         lines += ["", "## Samples", ""] + [f"```\n{s.strip()}\n```" for s in samples]
-    config = json.dumps(info.get("train", {}), indent=1)
-    lines += ["", "## Resolved config", "", "```json", config, "```", ""]
+    lines += ["", "## Resolved config", "", "```json", json.dumps(train, indent=1), "```", ""]
     return "\n".join(lines)
 
 
