@@ -11,6 +11,7 @@ in which the assistant claims to be another model (the 350M article's called its
 dropped and counted.
 """
 
+import itertools
 import json
 import os
 import random
@@ -138,12 +139,7 @@ def read_source(path, cap, demo_size, seed):
         rows = read_jsonl(path)
     else:
         raise UserError(f"source {path!r}: give demo, a .jsonl file, or hf:<dataset>[:split]")
-    conversations = []
-    for messages in rows:
-        if cap and len(conversations) >= cap:
-            break
-        conversations.append(messages)
-    return conversations
+    return list(itertools.islice(rows, cap or None))
 
 
 def read_jsonl(path):

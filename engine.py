@@ -73,9 +73,8 @@ class TextStream:
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.context_start, self.printed = tokenizer, [], 0, 0
 
-    def push(self, token):
-        if token < self.tokenizer.vocab_size:  # padding rows and template specials have no text
-            self.ids.append(token)
+    def push(self, token):  # one of the tokenizer's ids: generate is given its vocab_size
+        self.ids.append(token)
         return self.flush(final=False)
 
     def flush(self, final=True):
@@ -107,7 +106,7 @@ class Chat:
     """A conversation in a checkpoint's chat template (tokenizer.py), whose KV cache outlives each
     turn. `turns` holds the ids of each finished exchange: message, assistant marker, reply, end."""
 
-    def __init__(self, model, tokenizer, template, system="", cache=None):
+    def __init__(self, model, tokenizer, template, system=""):
         missing = {"user", "assistant", "end_of_turn"} - template.keys()
         if missing:
             raise UserError(f"the chat template lacks {', '.join(sorted(missing))}; fine-tune "
@@ -125,7 +124,7 @@ class Chat:
             raise UserError(f"the system message takes {len(self.prefix) - 1} tokens and the "
                             f"context holds {model.config.block_size}, leaving no room for a "
                             "message: shorten it")
-        self.turns, self.cache = [], cache  # a cache is made at the first reply unless given
+        self.turns, self.cache = [], None  # made at the first reply, unless serve.py sets one
         self.vocab_size = sampleable_vocab_size(tokenizer, template)
 
     def user_turn(self, message):

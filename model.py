@@ -356,7 +356,6 @@ class GPT(nn.Module):
     def flops_per_token(self):
         return flops_per_token(self.config, self.param_counts()["active_non_embedding"])
 
-
     @torch.no_grad()
     def update_moe_bias(self, load):
         """DeepSeek-V3's auxiliary-loss-free balancing, after an optimizer step: raise the bias of

@@ -41,11 +41,8 @@ class SampleConfig:
     threads: int = 0                # CPU threads; 0 = torch's default
 
     def __post_init__(self):
-        if self.num_samples < 1 or self.max_new_tokens < 1:
-            raise ValueError("num_samples and max_new_tokens must be at least 1")
-        if not self.temperature >= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature and top_k must not be negative, and top_p must be in (0, "
-                             "1]")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.chat and self.prompt:
             raise ValueError("--prompt is for generation; with --chat type the messages, or pipe "
                              "them in")
@@ -58,6 +55,7 @@ def main(argv, out=sys.stdout):
     # nanoGPT's sample.py calls the prompt `start`: --start=X is --prompt=X here
     argv = ["--prompt=" + a[len("--start="):] if a.startswith("--start=") else a for a in argv]
     cfg = configurator.build(SampleConfig, configurator.parse(argv, SampleConfig))
+    configurator.check_at_least(cfg, num_samples=1, max_new_tokens=1, temperature=0, top_k=0)
     use_threads(cfg.threads)
     model, tokenizer, checkpoint = load_model(cfg.out_dir, cfg.ckpt, cfg.device, cfg.dtype)
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(cfg.seed)

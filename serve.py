@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -28,7 +29,6 @@ import torch
 from configurator import UserError
 from engine import Chat, TextStream, cached_length, continue_cache, cut_at, load_model
 from runtime import use_threads
-from tokenizer import render_chat
 
 try:
     import uvicorn
@@ -149,10 +149,10 @@ class Server:
         self.limit = min(cfg.max_new_tokens, self.block - 1)  # after at least end-of-text
         self.thread = concurrent.futures.ThreadPoolExecutor(1, "model")  # steps queue up in turn
         self.written = {}  # reply text -> the ids it was written in, where they differ (1024)
-        self.caches, probe = [], model.new_kv_cache(1)  # recent conversations', LRU first
+        probe = model.new_kv_cache(1)
         self.cache_bytes = probe.k.nbytes + probe.v.nbytes + probe.tokens.nbytes
-        self.capacity = int(cfg.cache_mb * 2**20 // self.cache_bytes)
-        if cfg.cache_mb and not self.capacity:
+        self.caches = deque(maxlen=int(cfg.cache_mb * 2**20 // self.cache_bytes))  # LRU first
+        if cfg.cache_mb and not self.caches.maxlen:
             raise UserError(f"--cache_mb={cfg.cache_mb:g} cannot hold one conversation, which "
                             f"takes {self.cache_bytes / 2**20:.1f} MB: raise it, or 0 keeps none")
 
@@ -228,9 +228,8 @@ class Server:
             raise ApiError(400, str(e), "messages", "context_length_exceeded"
                            if "system" in self.template else "invalid_value") from e
         # the finished exchanges as Chat keeps them, a reply written here in the ids it was
-        chat.turns = [chat.user_turn(u.content) + self.written[a.content] if a.content in
-                      self.written else render_chat(self.tokenizer, self.template,
-                                                    [u.model_dump(), a.model_dump()])[0][1:]
+        chat.turns = [chat.user_turn(u.content) + self.written.get(
+                          a.content, self.tokenizer.encode(a.content) + chat.end)
                       for u, a in zip(rest[:-1:2], rest[1::2])]
         turn = chat.user_turn(message := rest[-1].content)
         asked = self.max_tokens(request, "the message" + " with the system message" * bool(system),
@@ -254,8 +253,7 @@ class Server:
                 while len(self.written) > 1024:
                     del self.written[next(iter(self.written))]  # the oldest
         finally:
-            self.caches.append(chat.cache)  # the least recently used go beyond the budget
-            del self.caches[:len(self.caches) - self.capacity]
+            self.caches.append(chat.cache)  # when full, the least recently used goes
 
     def completion_pieces(self, request, reply):
         ids = [self.tokenizer.eot_id] + self.encode(request.prompt, "prompt")  # as documents start
@@ -276,7 +274,6 @@ class Server:
             yield decoded.flush()
         finally:
             self.caches.append(cache)
-            del self.caches[:len(self.caches) - self.capacity]
 
 
 async def answer(server, request, schema, chat):

@@ -220,12 +220,10 @@ class PackedChats:
         # the sample printed at each evaluation answers the first held-out question that encodes
         self.sample_prompt = [tokenizer.eot_id]
         for message in (m for c in conversations[1] for m in c if m["role"] == "user"):
-            try:
+            with contextlib.suppress(UserError):  # characters the tokenizer lacks: the next one
                 self.sample_prompt = (render_chat(tokenizer, template, [message])[0]
                                       + marker_ids(tokenizer, template["assistant"]))
                 break
-            except UserError:
-                continue
         end = marker_ids(tokenizer, template["end_of_turn"])
         self.sample_stop_tokens = tuple(end) if len(end) == 1 else ()
         self.sample_vocab_size = sampleable_vocab_size(tokenizer, template)

@@ -6,7 +6,6 @@ import dataclasses
 import io
 import os
 import random
-import re
 import subprocess
 import sys
 
@@ -150,8 +149,8 @@ def test_checkpoints_written_by_train_py_generate(tmp_path, monkeypatch):
     prepare.main(["--source=corpus.txt", "--dataset=tiny", "--tokenizer=char"])
     train.main(["--dataset=tiny", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
                 "--eval_iters=1", "--sample_tokens=0", "--max_iters=2", "--eval_interval=2", "--out_dir=run"])
-    for ckpt in ("ckpt.pt", "best.pt"):
-        text = run_sample("--out_dir=run", f"--ckpt={ckpt}", "--prompt=the king", "--max_new_tokens=20")
+    for name in ("ckpt.pt", "best.pt"):
+        text = run_sample("--out_dir=run", f"--ckpt={name}", "--prompt=the king", "--max_new_tokens=20")
         assert text.startswith("the king") and text.endswith("\n" + "-" * 40 + "\n")
 
 
@@ -333,6 +332,10 @@ def test_the_script_prints_one_line_and_exits_1(tmp_path):
 def test_a_system_message_without_chat_and_a_temperature_that_is_not_a_number_are_one_line(tmp_path):
     with pytest.raises(UserError, match="--system is a chat's system message: add --chat"):
         sample.main(["--system=You are terse."])  # was ignored in silence
+    with pytest.raises(UserError, match="--top_k must be at least 0, got -1"):
+        sample.main(["--top_k=-1"])
+    with pytest.raises(UserError, match=r"top_p must be in \(0, 1\], got 0.0"):
+        sample.main(["--top_p=0"])
     (tmp_path / "recipe.py").write_text("temperature = float('nan')\n")  # was torch.multinomial's traceback
     with pytest.raises(UserError, match="temperature must be a finite number, got nan"):
         sample.main([str(tmp_path / "recipe.py")])

@@ -232,7 +232,7 @@ def test_eight_concurrent_clients_get_their_own_replies_within_the_cache_budget(
     run = write_run(tmp_path / "run", model=tiny_model(block_size=256), chat_template=TEMPLATE)
     with running(run, cache_mb=0.5) as (url, server):
         # fewer kept caches than clients: conversations are evicted and rebuilt
-        assert server.capacity == 3
+        assert server.caches.maxlen == 3
         conversations = [[f"{WORDS[c]} {WORDS[(c + t) % len(WORDS)]}" for t in range(5)]
                          for c in range(8)]
         expected = [sample_chat(server, messages, max_tokens=10) for messages in conversations]
@@ -297,7 +297,6 @@ def test_bad_requests_get_4xx_in_openai_error_shape_and_codes_and_the_server_goe
     url, _ = chat_server
     chat, text = url + "/v1/chat/completions", url + "/v1/completions"
     hello = [dict(role="user", content="hello")]
-    long = "the context holds 512: shorten it"
     bad = [  # where, body, status, the message's start or part, OpenAI's code
         (chat, b"{not json", 400, "Invalid JSON", "invalid_value"),
         (chat, b"[1, 2]", 400, "object", "invalid_type"),
