@@ -12,15 +12,13 @@ metrics and their standard errors, printed here and saved in out_dir/eval_<tasks
 
 The default task, shakespeare_completion (eval_tasks/), is offline: given a line and a half of a
 play that prepare.py's default split holds out, which of four endings completes it? Chance is 25%.
-lm-eval's own command runs it on an export.py folder (pip install "lm-eval[hf]"), from here or,
-with the path to eval_tasks, from anywhere:
+lm-eval's own command runs it on an export.py folder (pip install "lm-eval[hf]"), from anywhere
+given the path to eval_tasks; with --apply_chat_template it renders a fine-tuned model's requests
+in the chat template that export.py writes (render_chat's layout, as Jinja):
 
     python export.py --out_dir=out --to=hf/my-model
     lm_eval --model hf --model_args pretrained=hf/my-model,add_bos_token=True \\
         --include_path eval_tasks --tasks shakespeare_completion
-
-With --apply_chat_template, lm_eval renders a fine-tuned model's requests in the chat template
-that export.py writes (render_chat's layout, as Jinja).
 """
 
 import dataclasses
@@ -77,8 +75,7 @@ class Harness(LM):
         self.generator = torch.Generator(self.on).manual_seed(cfg.seed)
 
     def tok_encode(self, text, add_special_tokens=True):
-        """The ids of a request's text, after end-of-text unless add_special_tokens=False or
-        --bos=False."""
+        """A request's text as ids, end-of-text first unless add_special_tokens or --bos is off."""
         try:
             ids = self.tokenizer.encode(text)
         except UserError as e:
@@ -235,9 +232,8 @@ def main(argv, out=sys.stdout):
 
 
 def report(results, tasks, cfg, seconds, out):
-    """lm-eval's table; a line per task with each metric and its standard error (lm-eval's, from
-    the spread over items: 30.6% ± 1.5% says that 29.8% is no worse); the speed; and the results
-    JSON in out_dir."""
+    """lm-eval's table (each metric with its standard error, from the spread over items: 30.6% ±
+    1.5% says that 29.8% is no worse), the speed, and the results JSON in out_dir."""
     from lm_eval.utils import handle_non_serializable, make_table
     items = sum(n["effective"] for n in results["n-samples"].values())
     results["config"].update(model=os.path.join(cfg.out_dir, cfg.ckpt),
@@ -247,16 +243,6 @@ def report(results, tasks, cfg, seconds, out):
     out.write(make_table(results) + "\n")
     if results.get("groups"):
         out.write(make_table(results, "groups") + "\n")
-    for name, metrics in {**results["results"], **results.get("groups", {})}.items():
-        shown = []
-        for key, value in metrics.items():
-            metric, _, kind = key.partition(",")  # kind: lm-eval's filter, "none" for most tasks
-            if kind and not metric.endswith("_stderr") and isinstance(value, (int, float)):
-                form = ".1%" if metric.startswith("acc") or "exact_match" in metric else ".4g"
-                error = metrics.get(f"{metric}_stderr,{kind}")
-                shown.append(f"{metric}{'' if kind == 'none' else f' ({kind})'} {value:{form}}"
-                             + (f" ± {error:{form}}" if isinstance(error, float) else ""))
-        out.write(f"{name}: {', '.join(shown)}\n")
     out.write(f"{items} items in {seconds:.1f} s ({items / seconds:.1f} items/s); results in "
               f"{path}\n")
 
