@@ -1,7 +1,7 @@
 """Speed comparisons behind RESULTS.md, each side by side with what it replaces.
 
     python bench.py                     # every row
-    python bench.py --only=generation   # one row: speedrun, generation or report
+    python bench.py --only=generation   # one row: speedrun or generation
     python bench.py --quick=True        # every row at a tiny size, in seconds (the tests)
 
 speedrun: `python train.py config/speedrun_cpu.py` against nanoGPT's CPU recipe
@@ -10,16 +10,12 @@ final validation loss of each (its log.jsonl) and the ratio of their seconds.
 generation: tokens/s at batch 1 of model.generate (our KV cache) against transformers' generate on
 the same weights, exported by hf.save_hf: a random 6 x 384 GPT-2-shaped model, context 1024,
 vocabulary 65 (shakespeare_char's); speed does not depend on what the weights learned.
-report: seconds of report.write_report (loss.png and report.md, no samples) at the end of a run
-whose log.jsonl has `log_lines` lines, a training line per step and an evaluation every 100th,
-each round in a fresh process with torch imported (as train.py has it): matplotlib's import counts.
 On a GPU, train.py's own log gives a run's tokens/s and MFU at every step.
 
 The machine may be shared: each comparison alternates its two sides `rounds` times in one process
 and prints every round, then the medians. Nothing here changes what a run computes.
 """
 
-import json
 import os
 import statistics
 import subprocess
@@ -37,6 +33,7 @@ from model import PRESETS, GPT, GPTConfig
 from runtime import pick_device
 from tokenizer import CharTokenizer
 
+
 @dataclass
 class BenchConfig:
     only: str = ""               # comma-separated rows; empty = all
@@ -47,7 +44,6 @@ class BenchConfig:
     train_args: str = ""         # speedrun: --key=value overrides for both commands
     new_tokens: int = 1000       # generation: tokens per round and side
     device: str = "auto"         # generation: where it runs
-    log_lines: int = 100_000     # report: lines of the run's log.jsonl
 
 
 GENERATION_MODEL = dict(PRESETS["classic"], bias=False, n_layer=6, n_head=6, n_embd=384,
@@ -148,40 +144,12 @@ def generation_row(cfg):
     return dict(tokens_per_sec=mid, ratio=ratio, new_tokens=new_tokens)
 
 
-def report_row(cfg):
-    """write_report on a synthetic log of cfg.log_lines lines, cfg.rounds fresh processes."""
-    lines = min(cfg.log_lines, 1000) if cfg.quick else cfg.log_lines
-    timed = ("import sys, time, torch, report; start = time.perf_counter(); "
-             "report.write_report(sys.argv[1], samples=False); print(time.perf_counter() - start)")
-    seconds = []
-    print(f"report: write_report on a log.jsonl of {lines:,} lines")
-    with tempfile.TemporaryDirectory() as out_dir:
-        with open(os.path.join(out_dir, "log.jsonl"), "w") as f:
-            for step in range(lines):
-                record = dict(step=step, tokens=2048 * step, flops=1.2e10 * step, elapsed=step / 9)
-                if step % 100:
-                    record.update(train_loss=4 / (1 + step) ** 0.1, lr=6e-4, grad_norm=1.0,
-                                  tok_per_sec=18000.0 + step % 7, mfu=None)
-                else:
-                    record.update(val_loss=4 / (1 + step) ** 0.1, val_bpb=1.0)
-                f.write(json.dumps(record) + "\n")
-        for round_ in range(1, cfg.rounds + 1):
-            done = subprocess.run([sys.executable, "-c", timed, out_dir], capture_output=True,
-                                  text=True, cwd=configurator.ROOT)
-            if done.returncode or "report not written" in done.stdout:
-                raise UserError(f"write_report failed: {(done.stderr or done.stdout).strip()}")
-            seconds.append(float(done.stdout.split()[-1]))
-            print(f"  round {round_} {seconds[-1]:8.3f} s", flush=True)
-    print(f"  median {statistics.median(seconds):8.3f} s")
-    return dict(lines=lines, seconds=statistics.median(seconds))
-
-
-BENCHMARKS = {"speedrun": speedrun_row, "generation": generation_row, "report": report_row}
+BENCHMARKS = {"speedrun": speedrun_row, "generation": generation_row}
 
 
 def main(argv):
     cfg = configurator.build(BenchConfig, configurator.parse(argv, BenchConfig))
-    configurator.check_at_least(cfg, rounds=1, new_tokens=1, log_lines=1)
+    configurator.check_at_least(cfg, rounds=1, new_tokens=1)
     names = [name for name in cfg.only.split(",") if name]
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import statistics
+import time
 from dataclasses import dataclass
 
 import configurator  # first: Ctrl-C during the imports is one line
@@ -37,12 +38,14 @@ def main(argv):
 def write_report(out_dir, say=print, samples=True):
     """loss.png and report.md in out_dir. What cannot be drawn (no matplotlib, no checkpoint yet)
     is said in one line of the report; a failure to write them is one line here, never a crash."""
+    start = time.perf_counter()
     try:
         log = read_for_report(out_dir)
         checkpoint, info = newest_checkpoint(out_dir)
         summary = summarize(log)
         plot = draw_loss(log, os.path.join(out_dir, "loss.png"), summary,
                          sft="sft" in (checkpoint or {}))
+        seconds = time.perf_counter() - start  # the samples that follow run the model: not counted
         texts = sample_texts(out_dir, checkpoint) if samples and checkpoint else []
         page = markdown(out_dir, summary, info, plot, texts)
         write_atomically(os.path.join(out_dir, "report.md"), page)
@@ -51,17 +54,17 @@ def write_report(out_dir, say=print, samples=True):
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
         return
     curves = f", curves: {out_dir}/loss.png" if plot is None else f" ({plot})"
-    say(f"report: {out_dir}/report.md{curves}")
+    say(f"report: {out_dir}/report.md{curves} (read and drawn in {seconds:.2f} s)")
 
 
 def newest_checkpoint(out_dir):
     """(best.pt, or else ckpt.pt, as a dict or None) and what the run recorded of itself: the
     checkpoint's "run" entry, or config.json's."""
-    import torch
     checkpoint = None
     for name in ("best.pt", "ckpt.pt"):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):
+            import torch
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             break
     info = (checkpoint or {}).get("run")
@@ -241,15 +244,10 @@ def sample_texts(out_dir, checkpoint, count=2, tokens=100):
                         vocab_size=tokenizer.vocab_size) for seed in range(count)]
 
 
-def parameters(model_config):
-    """The model's parameter counts, from a model built on the meta device (no memory, no time)."""
-    import torch
-    from model import GPT, GPTConfig
-    try:
-        with torch.device("meta"):
-            n = GPT(GPTConfig(**model_config)).param_counts()
-    except (TypeError, ValueError):  # no config, or one of older code
-        return "n/a"
+def parameters(n):
+    """The parameter counts that the run recorded (config.json's "parameters")."""
+    if not n:
+        return "n/a (not recorded: a run of older code)"
     active = f", {n['active']:,} active per token" if n["active"] != n["total"] else ""
     return f"{n['total']:,} ({n['non_embedding']:,} without the embeddings{active})"
 
@@ -264,7 +262,7 @@ def markdown(out_dir, summary, info, plot, samples):
     rows = [("model", f"{model.get('n_layer', '?')} layers x {model.get('n_embd', '?')} wide, "
                       f"{model.get('pos_emb', '?')} positions, {model.get('mlp', '?')} MLP"
                       + (f", {model['moe_experts']} experts" if model.get("moe_experts") else "")),
-            ("parameters", parameters(model)),
+            ("parameters", parameters(info.get("parameters"))),
             ("FLOPs per token", fmt(summary.get("flops_per_token"), ".4g")),
             ("steps", f"{summary['steps']:,}"
                       + (f" ({summary['skipped']} skipped)" if summary["skipped"] else "")),

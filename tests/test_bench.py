@@ -70,14 +70,6 @@ def test_generation_compares_our_generate_with_transformers_on_the_same_weights(
     assert re.search(r"ours / transformers tokens/s: [\d.]+", out)
 
 
-def test_report_row_draws_a_synthetic_log_in_fresh_processes(capsys):
-    results = bench.main(["--only=report", "--quick=True", "--rounds=2"])["report"]
-    assert results["lines"] == 1000 and results["seconds"] > 0
-    out = capsys.readouterr().out
-    assert "report: write_report on a log.jsonl of 1,000 lines" in out
-    assert len(re.findall(r"round \d +[\d.]+ s", out)) == 2
-
-
 @pytest.mark.parametrize("option, message", [
     ("--only=bogus", "unknown row bogus"), ("--rounds=0", "--rounds must be at least 1"),
     ("--new_tokens=0", "--new_tokens must be at least 1")])
