@@ -196,6 +196,7 @@ class RunLog:
         resolved = dict(run_id=run.run_id, command=shlex.join(["python", *sys.argv]),
                         torch=str(torch.__version__), device=device, threads=run.threads,
                         dtype=str(run.dtype).removeprefix("torch."),
+                        parameters=run.raw_model.param_counts(),
                         train=dataclasses.asdict(run.cfg), model=dataclasses.asdict(run.model_cfg))
         if not self.enabled:
             return resolved

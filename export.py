@@ -44,6 +44,8 @@ class ExportConfig:
     def __post_init__(self):
         if self.gguf_type not in ("f32", "f16", "bf16", "q8_0"):
             raise ValueError(f"gguf_type must be f32, f16, bf16 or q8_0, got {self.gguf_type!r}")
+        if not (self.to or self.to_gguf):
+            raise ValueError("give --to=<folder> and/or --to_gguf=<file>: where to export to")
 
 
 def gguf_problem(tok, c, arch):
@@ -172,10 +174,7 @@ def export(cfg):
 
 
 def main(argv):
-    cfg = configurator.build(ExportConfig, configurator.parse(argv, ExportConfig))
-    if not (cfg.to or cfg.to_gguf):
-        raise UserError("give --to=<folder> and/or --to_gguf=<file> to export out_dir's checkpoint")
-    export(cfg)
+    export(configurator.build(ExportConfig, configurator.parse(argv, ExportConfig)))
 
 
 if __name__ == "__main__":

@@ -292,9 +292,8 @@ def encoded(cfg, spec, dtype, documents):
         pool.shutdown(cancel_futures=True)
 
 
-def main(argv=None):
-    overrides = configurator.parse(sys.argv[1:] if argv is None else argv, PrepareConfig)
-    cfg = configurator.build(PrepareConfig, overrides)
+def main(argv):
+    cfg = configurator.build(PrepareConfig, configurator.parse(argv, PrepareConfig))
     configurator.check_at_least(cfg, num_workers=0, sp_vocab_size=SP_FIXED_PIECES + 1)
     data_dir = os.path.join("data", cfg.dataset)
     # before anything is written: refused while another prepare.py or a training holds the folder

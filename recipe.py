@@ -13,7 +13,6 @@ import torch
 import configurator
 from configurator import UserError
 from model import GPT, GPTConfig, PRESETS, is_hidden_matrix
-from tokenizer import same_tokens
 
 # With no config file, train.py trains this small model on the Shakespeare default. Config files
 # and --key=value set any GPTConfig field (n_layer, n_embd, block_size, mlp, moe_experts, ...).
@@ -37,7 +36,7 @@ def start_config(cfg, overrides, data, start, say):
         say("note: the model is the checkpoint's; "
             f"{', '.join(sorted(overrides.keys() & MODEL_KEYS))} from this command not used")
     model_cfg = GPTConfig(**start["model_config"])
-    same = same_tokens(start.get("tokenizer"), data.checkpoint_fields["tokenizer"])
+    same = start.get("tokenizer") in (None, data.checkpoint_fields["tokenizer"])
     if not cfg.resume and (not same or data.vocab_size > model_cfg.vocab_size):
         raise UserError(f"init_from's tokenizer is not this data's (data/{cfg.dataset}): its token "
                         "ids would mean other text; prepare the data with the model's tokenizer")
@@ -55,7 +54,7 @@ def batch_plan(cfg, block_size, world):
 
 
 def budget_steps(cfg, batch_tokens, flops_per_token):
-    """Steps until the first budget that is set (max_iters, max_tokens, max_flops); 0 for none."""
+    """Steps until the first budget that is set: max_iters, max_tokens or max_flops."""
     flops_per_step = flops_per_token * batch_tokens
     budgets = dict(max_iters=(cfg.max_iters, cfg.max_iters),
                    max_tokens=(cfg.max_tokens, cfg.max_tokens // batch_tokens),
@@ -64,9 +63,9 @@ def budget_steps(cfg, batch_tokens, flops_per_token):
         if value and not steps:
             raise UserError(f"{name}={value:g} is less than one step ({batch_tokens:,} tokens, "
                             f"{flops_per_step:.3g} FLOPs per step)")
-    if not cfg.max_seconds and not any(value for value, _ in budgets.values()):
-        raise UserError("no budget: set max_iters, max_tokens, max_flops or max_seconds")
-    return min((steps for value, steps in budgets.values() if value), default=0)
+    if not any(value for value, _ in budgets.values()):
+        raise UserError("no budget: set max_iters, max_tokens or max_flops")
+    return min(steps for value, steps in budgets.values() if value)
 
 
 # Keller Jordan's quintic Newton-Schulz coefficients, chosen to orthogonalise in few steps

@@ -19,18 +19,11 @@ PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), 
                ("V100", 125)]  # V100: fp16, it has no bf16
 
 
-def table_peak_tflops(gpu_name):
-    """The table's peak for a GPU name (case-insensitive), or None when it is not in the table."""
-    return next((tflops for key, tflops in PEAK_TFLOPS if key.lower() in gpu_name.lower()), None)
-
-
-def peak_flops(device, override_tflops=0.0):
-    """Peak FLOP/s of one device, or None when unknown (MFU is then not printed, never guessed)."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    tflops = table_peak_tflops(torch.cuda.get_device_name(device))
+def peak_flops(gpu_name, override_tflops=0.0):
+    """Peak FLOP/s of one GPU, its name matched (case-insensitive) in the table, or None when it is
+    not there and no override is given: MFU is then not printed, never guessed."""
+    tflops = override_tflops or next((tflops for key, tflops in PEAK_TFLOPS
+                                      if key.lower() in gpu_name.lower()), None)
     return tflops * 1e12 if tflops else None
 
 
@@ -183,4 +176,3 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-

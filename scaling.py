@@ -435,14 +435,14 @@ def cmd_plan(cfg, argv):
                         "file from `fit --law_out`")
     law, overrides = resolve_law(cfg.law), configurator.parse(argv, TrainConfig, GPTConfig)
     train_cfg = configurator.build(TrainConfig, overrides)
-    peak = train_cfg.peak_tflops or (cfg.gpu and runtime.table_peak_tflops(cfg.gpu))
+    peak = runtime.peak_flops(cfg.gpu, train_cfg.peak_tflops)
     if not peak:
         raise UserError(f"unknown GPU {cfg.gpu!r}: name one of "
                         f"{', '.join(k for k, _ in runtime.PEAK_TFLOPS)} or set --peak_tflops")
     # --vocab_size at its word, taken out of the overrides so that it is padded as a dataset's is
     vocab, source = ((overrides.pop("vocab_size"), "--vocab_size") if "vocab_size" in overrides
                      else dataset_vocab(train_cfg.dataset))
-    flops = cfg.gpus * peak * 1e12 * cfg.mfu * hours * 3600
+    flops = cfg.gpus * peak * cfg.mfu * hours * 3600
     G, a = optimal_split(law)
     n_opt = G * (flops / 6) ** a
     plan = planned_run(train_cfg, overrides, vocab, flops, n_opt, cfg.plan_block_size, cfg.gpus)

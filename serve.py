@@ -63,19 +63,10 @@ class ApiError(Exception):
         self.body = dict(error=dict(message=message, type=kind, param=param, code=code))
 
 
-def joined_text(content):
-    """A message's content: a string, or OpenAI's list of text parts, as some clients send it."""
-    def text_part(p):
-        return isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-    if isinstance(content, list) and content and all(map(text_part, content)):
-        return "".join(part["text"] for part in content)
-    return content
-
-
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False)  # NaN passes range checks
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, BeforeValidator(joined_text)]
+    content: str
 
 
 class Sampling(BaseModel):

@@ -45,7 +45,6 @@ class SFTConfig:
     demo_conversations: int = 4000  # size of the offline demo set
     val_fraction: float = 0.05      # held out from each source
     mask_prompt: bool = True        # False trains on every token, the prompt too
-    overlong: str = "split"         # a conversation over the context: "split" or "truncate"
     identity_rate: float = 0.05     # share of identity conversations; 0 = none
     identity_name: str = "Ariel"
     identity_maker: str = "a small-lm user"
@@ -55,7 +54,6 @@ class SFTConfig:
 
     def __post_init__(self):
         problems = [why for wrong, why in [
-            (self.overlong not in ("split", "truncate"), "overlong must be split or truncate"),
             (not 0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (not 0 <= self.identity_rate < 1, "identity_rate must be in [0, 1)"),
             (not self.lr_fraction > 0, "lr_fraction multiplies pretraining's rates: above 0"),
@@ -140,14 +138,12 @@ def encode(tokenizer, template, messages, mask_prompt):
     return ids, trained if mask_prompt else [True] * len(ids), starts
 
 
-def fit_to_context(ids, trained, starts, length, overlong):
+def fit_to_context(ids, trained, starts, length):
     """Pieces of at most `length` tokens: the whole conversation, or a long one split between
-    exchanges (each piece opening with end-of-text, as a conversation does), or truncated. An
-    exchange longer than `length` alone is truncated either way. Returns (pieces, how many cut)."""
+    exchanges, each opening with end-of-text as a conversation does. An exchange longer than
+    `length` alone is truncated. Returns (pieces, how many were truncated)."""
     if len(ids) <= length:
         return [(ids, trained)], 0
-    if overlong == "truncate":
-        return [(ids[:length], trained[:length])], 1
     pieces, piece, piece_trained, cut = [], [], [], 0
     for start, end in zip(starts, starts[1:] + [len(ids)]):
         if piece and len(piece) + end - start > length:
@@ -199,14 +195,14 @@ class PackedChats:
                 except UserError:  # a character the char vocabulary lacks
                     unencodable += 1
                     continue
-                new_pieces, new_cut = fit_to_context(*encoded, block_size + 1, cfg.overlong)
+                new_pieces, new_cut = fit_to_context(*encoded, block_size + 1)
                 pieces += [p for p in new_pieces if any(p[1][1:])]  # no loss, nothing taught
                 cut += new_cut
             if not pieces:
                 raise UserError(f"no {split} conversation could be encoded with this tokenizer")
             self.rows[split], self.masks[split] = pack(pieces, block_size + 1, tokenizer.eot_id)
             say(f"{split}: {len(chats):,} conversations -> {len(pieces):,} pieces ({cut:,} "
-                f"{cfg.overlong} for the context of {block_size}) packed into "
+                f"truncated to the context of {block_size}) packed into "
                 f"{len(self.rows[split]):,} rows; {100 * self.masks[split][:, 1:].mean():.1f}% of "
                 "the target tokens carry loss")
         if unencodable:

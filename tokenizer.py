@@ -5,9 +5,8 @@
     {"kind": "tiktoken", "name": "gpt2"}          tiktoken's registry (downloads at first use)
     {"kind": "tiktoken", "ranks": "<text>"}       BPE ranks embedded, GPT-2's split pattern
 
-Any spec may add "pretokenize": "module:function", a hook that cuts text into pieces no token may
-cross (Korean morphemes: tokenizer:mecab_morphemes); each piece is
-encoded on its own, so decode(encode(text)) == text still.
+Any spec may add "pretokenize": "module:function", a hook cutting text into pieces no token crosses
+(Korean morphemes: tokenizer:mecab_morphemes), each encoded alone: decode(encode(text)) == text.
 
 The chat template is a dict of markers, {"user": "<|user|>", "assistant": "<|assistant|>",
 "end_of_turn": "<|end|>"} and optionally "system", stored in checkpoint["chat_template"]: text in
@@ -196,16 +195,6 @@ def load_tokenizer(spec):
         raise UserError(f"unknown tokenizer kind {spec.get('kind')!r} (expected one of "
                         f"{', '.join(KINDS)})")
     return KINDS[spec["kind"]](spec)
-
-
-def same_tokens(a, b, probe_ids=4096):
-    """Whether two tokenizer specs give the same ids the same text, judged on their first ids (one
-    can spell another out: GPT-2's BPE by name, or as its ranks from a .tiktoken file)."""
-    if a == b or a is None:  # a checkpoint without one is taken at its word
-        return True
-    a, b = load_tokenizer(a), load_tokenizer(b)
-    ids = range(min(a.vocab_size, probe_ids))
-    return a.vocab_size == b.vocab_size and all(a.decode([i]) == b.decode([i]) for i in ids)
 
 
 # ----------------------------------------------------------------------------- the chat template

@@ -53,7 +53,6 @@ class TrainConfig:
     max_iters: int = 1500
     max_tokens: int = 0
     max_flops: float = 0.0
-    max_seconds: float = 0.0        # then the schedule follows the clock: runs no longer repeat
     optimizer: str = "adamw"        # "adamw", or "muon" for the hidden matrices, AdamW elsewhere
     learning_rate: float = 2e-3     # AdamW's peak
     muon_lr: float = 0.02           # Muon's peak (Keller Jordan's default)
@@ -197,11 +196,12 @@ class Run:
         offsets = torch.randint(data.positions("val", block), (cfg.eval_iters, cfg.batch_size),
                                 generator=fixed)
         self.eval_offsets = offsets[rank::world]
-        self.peak = peak_flops(device, cfg.peak_tflops)  # None when unknown: no MFU is printed
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        self.peak = peak_flops(gpu, cfg.peak_tflops)  # None when unknown: no MFU is printed
         self.run_id = (resumed or {}).get("run_id") or uuid.uuid4().hex[:12]
         self.state, self.moe_max_load = TrainState(), None
         self.resolved = self.log.open(self, resumed)  # config.json: the settings and the machine
-        n = self.raw_model.param_counts()
+        n = self.resolved["parameters"]
         self.say(f"model: {n['total'] / 1e6:.2f}M parameters, {n['active_non_embedding'] / 1e6:.2f}"
                  f"M active non-embedding, {self.flops_per_token / 1e6:.1f} MFLOPs/token; "
                  f"{self.batch_tokens:,} tokens/step ({cfg.batch_size} x {block} x {world} "
@@ -219,10 +219,7 @@ def learning_rate_scale(run):
     cfg, step = run.cfg, run.state.step
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
-    # the share of the budget spent after warmup: by steps, or by time under max_seconds
-    by_steps = (step - cfg.warmup_iters) / max(run.total_steps - cfg.warmup_iters, 1)
-    by_time = elapsed(run) / cfg.max_seconds if cfg.max_seconds else 0.0
-    progress = min(max(by_steps if run.total_steps else 0.0, by_time), 1.0)
+    progress = min((step - cfg.warmup_iters) / max(run.total_steps - cfg.warmup_iters, 1), 1.0)
     if cfg.lr_schedule == "cosine":
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     decay = (progress - (1 - cfg.decay_fraction)) / cfg.decay_fraction
@@ -290,10 +287,8 @@ def stop_reason(run, stop):
     cfg, state = run.cfg, run.state
     if stop.agreed(run.device, run.world) is not None:
         return f"stopped by {signal.Signals(stop.signum).name}"
-    if run.total_steps and state.step >= run.total_steps:
+    if state.step >= run.total_steps:
         return "budget reached"
-    if cfg.max_seconds and elapsed(run) >= cfg.max_seconds:
-        return f"time budget of {cfg.max_seconds:g}s reached"
     if cfg.target_loss and state.best_val_loss <= cfg.target_loss:
         return f"validation loss reached the target {cfg.target_loss:g}"
     if cfg.early_stop_patience and state.evals_since_best >= cfg.early_stop_patience:
@@ -386,12 +381,11 @@ def log_progress(run, loss, grad_norm):
     if run.moe_max_load is not None:  # the busiest expert's load over the mean
         record["moe_max_load"] = run.moe_max_load.item()
     run.log.write(record)
-    left = [(run.total_steps - state.step) * run.batch_tokens / tok_per_sec] * bool(run.total_steps)
-    left += [run.cfg.max_seconds - record["elapsed"]] * bool(run.cfg.max_seconds)
+    left = (run.total_steps - state.step) * run.batch_tokens / tok_per_sec
     shown = "n/a" if utilization is None else f"{100 * utilization:.1f}%"
-    run.say(f"step {state.step}{f'/{run.total_steps}' * bool(run.total_steps)} | loss "
+    run.say(f"step {state.step}/{run.total_steps} | loss "
             f"{record['train_loss']:.4f} | lr {lr:.2e} | grad {record['grad_norm']:.2f} | "
-            f"{tok_per_sec:,.0f} tok/s | mfu {shown} | eta {max(min(left), 0) / 60:.1f} min")
+            f"{tok_per_sec:,.0f} tok/s | mfu {shown} | eta {max(left, 0) / 60:.1f} min")
 
 
 if __name__ == "__main__":
